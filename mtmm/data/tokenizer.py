@@ -1,0 +1,80 @@
+"""Text tokenizers: a WordPiece vocabulary learnt offline, a pretrained one from local files, and the
+round trip through the checkpoint (a dict of file name -> text)."""
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from mtmm.errors import UserError
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_wordpiece(texts: list[str], vocab_size: int = 2000, lowercase: bool = True) -> PreTrainedTokenizerBase:
+    """A BERT-style WordPiece tokenizer whose vocabulary is learnt from `texts` (the training split), offline.
+
+    The vocabulary is every character seen (as a word start and as a "##" continuation, so no word is ever
+    [UNK]) plus the most frequent whole words, ties broken alphabetically. We build it ourselves rather than
+    with tokenizers' WordPieceTrainer because that trainer breaks ties in hash-map order: the same texts gave a
+    different vocabulary on each run, and so different metrics for the same seed.
+    """
+    if not texts:
+        raise UserError("cannot learn a WordPiece vocabulary: the training split has no texts")
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    characters = sorted({char for word in counts for char in word})
+    vocab = SPECIAL_TOKENS + characters + ["##" + char for char in characters]
+    known = set(vocab)
+    by_frequency = sorted((word for word in counts if word not in known), key=lambda word: (-counts[word], word))
+    vocab += by_frequency[: max(0, vocab_size - len(vocab))]
+
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab.index("[CLS]")), ("[SEP]", vocab.index("[SEP]"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def load_pretrained_tokenizer(name: str, texts: list[str] | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a pretrained model, from a local directory or the local Hugging Face cache.
+    `texts` is unused (a pretrained vocabulary is fixed); it keeps the signature of train_wordpiece."""
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise UserError(missing_pretrained_message(name, "tokenizer")) from error
+
+
+def missing_pretrained_message(name: str, what: str) -> str:
+    return (
+        f"could not load the {what} {name!r} offline: it is neither a local directory holding a saved model "
+        f"(save_pretrained layout: config.json, model weights, tokenizer files) nor in the local Hugging Face cache. "
+        f"Set encoder.text.name=/path/to/model_dir, or on a machine with internet run "
+        f"`python -c \"from transformers import AutoModel, AutoTokenizer as T; "
+        f"AutoModel.from_pretrained('{name}'); T.from_pretrained('{name}')\"` to fill the cache (HF_HOME) and copy it here"
+    )
+
+
+def tokenizer_to_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """Every file save_pretrained writes, as text, so the checkpoint alone can rebuild the tokenizer."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return {path.name: path.read_text(encoding="utf-8") for path in sorted(Path(folder).iterdir()) if path.is_file()}
+
+
+def tokenizer_from_files(files: dict[str, str]) -> PreTrainedTokenizerBase:
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in files.items():
+            (Path(folder) / name).write_text(text, encoding="utf-8")
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)

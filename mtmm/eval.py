@@ -1,0 +1,89 @@
+"""`mtmm-eval checkpoint=PATH`: rebuild data and model from the checkpoint alone, score a split, write
+metrics.json and per-sample predictions.jsonl to this evaluation's own run folder."""
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from mtmm.build import build_data, build_loader, build_model
+from mtmm.checkpoint import load_checkpoint
+from mtmm.device import resolve_device
+from mtmm.errors import UserError, exit_with
+from mtmm.loop import Outputs, evaluate
+from mtmm.records import clean, write_json
+
+log = logging.getLogger("mtmm")
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Path | None = None,
+                        device: str = "auto", precision: str | None = None, batch_size: int | None = None) -> dict:
+    """Score `split` with the model in `checkpoint`; returns (and writes) the metrics."""
+    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    state = load_checkpoint(checkpoint)
+    cfg = OmegaConf.create(state["config"])
+    if split not in ("train", "val", "test"):
+        raise UserError(f"split={split!r}; use test, val or train")
+    if batch_size is not None:
+        cfg.data.eval_batch_size = batch_size
+    precision = precision or cfg.device.precision
+    torch_device = resolve_device(device)
+
+    data = build_data(cfg, splits=(split,), tokenizer_files=state["data"].get("tokenizer_files"))
+    model = build_model(cfg, data.tokenizer, restoring=True, saved_text_config=state.get("text_config"))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise UserError(f"checkpoint {checkpoint}: its weights do not fit the model its config describes "
+                        f"({str(error).splitlines()[0]})") from None
+    model.to(torch_device)
+    wanted = {name: list(task.metrics) for name, task in cfg.tasks.items()}
+    metrics, outputs = evaluate(model, build_loader(cfg, data, split), data.tasks, wanted, torch_device, precision)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "metrics.json", {"checkpoint": str(Path(checkpoint).resolve()), "epoch": state["epoch"],
+                                          "step": state["step"], "split": split, "metrics": metrics})
+    write_predictions(run_dir / "predictions.jsonl", outputs, data)
+    for task, values in metrics.items():
+        print(f"{split} {task:>8}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "count"))
+    print(f"evaluation folder: {run_dir}")
+    return metrics
+
+
+def write_predictions(path: Path, outputs: Outputs, data) -> None:
+    """One line per sample: its id and, per task, target and predicted class names and the probabilities."""
+    dataset = next(iter(data.datasets.values()))
+    with path.open("w", encoding="utf-8") as file:
+        for row, index in enumerate(outputs.index.tolist()):
+            record = {"id": dataset.ids[index]}
+            for task in data.tasks:
+                logits = outputs.logits[task.name][row]
+                if task.type == "binary":
+                    probabilities = [1 - torch.sigmoid(logits[0]).item(), torch.sigmoid(logits[0]).item()]
+                else:
+                    probabilities = torch.softmax(logits, dim=-1).tolist()
+                predicted = max(range(len(probabilities)), key=probabilities.__getitem__)
+                labelled = bool(outputs.mask[task.name][row])
+                record[task.name] = {
+                    "target": task.classes[int(outputs.targets[task.name][row])] if labelled else None,
+                    "prediction": task.classes[predicted],
+                    "probabilities": [round(p, 6) for p in probabilities],
+                }
+            file.write(json.dumps(clean(record)) + "\n")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://mtmm.conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate_checkpoint(cfg.checkpoint, split=cfg.split, device=cfg.device, precision=cfg.precision,
+                            batch_size=cfg.batch_size)
+    except UserError as error:
+        exit_with(error)
+
+
+if __name__ == "__main__":
+    main()

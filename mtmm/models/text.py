@@ -1,0 +1,67 @@
+"""Text encoders: any Hugging Face encoder (a small random-init BERT by default, or a pretrained one offline)."""
+
+import json
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, BertConfig, BertModel, PreTrainedModel
+
+from mtmm.data.tokenizer import missing_pretrained_message
+from mtmm.errors import UserError
+from mtmm.models.features import Features, masked_mean, set_frozen
+
+
+class HFTextEncoder(nn.Module):
+    """Wraps a transformers encoder: tokens = last hidden states, pooled = [CLS] or masked mean, layer-normalised."""
+
+    def __init__(self, model: PreTrainedModel, pooling: str = "mean", freeze: bool = False):
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise UserError(f"encoder.text.pooling={pooling!r}; use mean or cls")
+        self.model = model
+        self.pooling = pooling
+        self.dim = model.config.hidden_size
+        self.norm = nn.LayerNorm(self.dim)
+        self.frozen = freeze
+        set_frozen(self.model, freeze)
+
+    def forward(self, text: dict) -> Features:
+        mask = text["attention_mask"].bool()
+        tokens = self.model(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).last_hidden_state
+        pooled = tokens[:, 0] if self.pooling == "cls" else masked_mean(tokens, mask)
+        return Features(pooled=self.norm(pooled), tokens=tokens, mask=mask)
+
+    def config_json(self) -> str:
+        """The architecture, saved in checkpoints so evaluation rebuilds the model without the original files."""
+        return self.model.config.to_json_string()
+
+
+def bert_tiny(tokenizer, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 2,
+              intermediate_size: int = 256, dropout: float = 0.1, max_length: int = 48, pooling: str = "mean",
+              freeze: bool = False,
+              saved_config: str | None = None, pretrained: bool = True) -> HFTextEncoder:
+    """A small BertModel, random init, sized to the tokenizer's vocabulary (its architecture is all in the config)."""
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, intermediate_size=intermediate_size,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        max_position_embeddings=max(64, max_length), pad_token_id=tokenizer.pad_token_id,
+    )
+    return HFTextEncoder(BertModel(config, add_pooling_layer=False), pooling=pooling, freeze=freeze)
+
+
+def pretrained(tokenizer, name: str, max_length: int = 64, pooling: str = "cls", freeze: bool = False,
+               saved_config: str | None = None, pretrained: bool = True) -> HFTextEncoder:
+    """AutoModel.from_pretrained(name) from a local directory or the local HF cache; never downloads.
+
+    When rebuilding from a checkpoint (pretrained=False) the architecture comes from `saved_config` and the
+    weights from the checkpoint, so the original files are not needed.
+    """
+    if not pretrained and saved_config is not None:
+        config = AutoConfig.for_model(**json.loads(saved_config))
+        return HFTextEncoder(AutoModel.from_config(config), pooling=pooling, freeze=freeze)
+    try:
+        model = AutoModel.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise UserError(missing_pretrained_message(name, "text model")) from error
+    return HFTextEncoder(model, pooling=pooling, freeze=freeze)

@@ -1,0 +1,25 @@
+"""Shared fixtures: configs composed exactly as mtmm-train composes them, on a tiny shapes dataset."""
+
+import pytest
+from hydra import compose, initialize_config_module
+
+TINY = ["data.source.train=96", "data.source.val=32", "data.source.test=32", "data.batch_size=32",
+        "data.eval_batch_size=64", "trainer.epochs=2", "trainer.log_every=1", "trainer.progress=false",
+        "device=cpu"]
+
+
+@pytest.fixture(scope="session")
+def shapes_cache(tmp_path_factory):
+    """One generated dataset cache for the whole session: generation is deterministic, so sharing it is safe."""
+    return tmp_path_factory.mktemp("shapes-cache")
+
+
+@pytest.fixture
+def make_cfg(shapes_cache):
+    """make_cfg(*overrides) -> the composed training config on the tiny dataset."""
+
+    def make(*overrides: str):
+        with initialize_config_module("mtmm.conf", version_base="1.3"):
+            return compose("train", overrides=[f"data.source.cache_dir={shapes_cache}", *TINY, *overrides])
+
+    return make

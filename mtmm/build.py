@@ -1,7 +1,7 @@
 """Config -> objects, one component at a time: data, model, optimizer, scheduler, loss weighting."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -10,38 +10,95 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from mtmm.data.collate import collate
-from mtmm.data.dataset import ImageTransform, ManifestDataset, TaskSpec, read_jsonl
-from mtmm.data.tokenizer import tokenizer_from_files
+from mtmm.data.dataset import ImageTransform, ManifestDataset, TaskSpec, parse_target
+from mtmm.data.readers import LINE
+from mtmm.data.tokenizer import tokenizer_from_files, tokenizer_to_files
 from mtmm.errors import UserError
 from mtmm.models.mlp import mlp
 from mtmm.models.model import MultiTaskModel
 from mtmm.tasks import TASK_TYPES, output_size
 
-METRICS = {"multiclass": ("accuracy", "macro_f1"), "binary": ("accuracy", "f1", "auroc")}
+METRICS = {"multiclass": ("accuracy", "macro_f1"), "binary": ("accuracy", "f1", "auroc"),
+           "multilabel": ("micro_f1", "macro_f1", "map"), "regression": ("mae", "rmse", "r2")}
 
 
 def has_encoder(cfg: DictConfig, modality: str) -> bool:
     return cfg.encoder[modality].get("_target_") is not None
 
 
-def build_tasks(cfg: DictConfig) -> list[TaskSpec]:
-    """The configured tasks, checked before anything expensive happens."""
+def check_tasks(cfg: DictConfig) -> None:
+    """Task types, class lists and metric names, checked before anything expensive happens."""
     if not cfg.tasks:
         raise UserError("no task is configured; choose a preset such as tasks=img+txt")
-    specs = []
     for name, task in cfg.tasks.items():
         if task.type not in TASK_TYPES:
             raise UserError(f"tasks.{name}.type={task.type!r} is not known; use one of {', '.join(TASK_TYPES)}")
-        classes = tuple(str(c) for c in task.classes)
-        if len(classes) < 2 or (task.type == "binary" and len(classes) != 2):
+        classes = task.get("classes")
+        if classes is not None and task.type != "regression" and (
+                len(classes) < 2 or (task.type == "binary" and len(classes) != 2)):
             raise UserError(f"tasks.{name}.classes={list(classes)}: a {task.type} task needs "
                             f"{'exactly 2' if task.type == 'binary' else 'at least 2'} classes")
         unknown = set(task.metrics) - set(METRICS[task.type])
         if unknown:
             raise UserError(f"tasks.{name}.metrics: {sorted(unknown)} not available for a {task.type} task; "
                             f"choose from {list(METRICS[task.type])}")
-        specs.append(TaskSpec(name=name, type=task.type, target=task.target, classes=classes))
+
+
+def build_tasks(cfg: DictConfig, train_records: list[dict] | None, saved: dict | None = None) -> list[TaskSpec]:
+    """TaskSpecs with their class names and regression statistics: from the config, else from a checkpoint
+    (`saved`), else learnt from the training records (sorted class names; mean and std of the targets)."""
+    check_tasks(cfg)
+    specs = []
+    for name, task in cfg.tasks.items():
+        spec = TaskSpec(name=name, type=task.type, target=task.target, delimiter=task.get("delimiter", "|"))
+        if saved is not None:
+            spec = replace(spec, classes=tuple(saved["classes"][name]), mean=saved["stats"][name][0],
+                           std=saved["stats"][name][1])
+        elif task.type == "regression":
+            if task.get("standardize", False):
+                spec = replace(spec, **target_statistics(spec, train_records))
+        elif task.get("classes") is not None:
+            spec = replace(spec, classes=tuple(str(c) for c in task.classes))
+        else:
+            spec = replace(spec, classes=infer_classes(spec, train_records))
+        specs.append(spec)
     return specs
+
+
+def infer_classes(task: TaskSpec, records: list[dict]) -> tuple[str, ...]:
+    """The class (or label) names seen in the training split, sorted (numerically when they are all integers)."""
+    names = set()
+    for record in records:
+        value = record.get(task.target)
+        if value is None or value == "":
+            continue
+        if task.type == "multilabel":
+            parts = value if isinstance(value, list) else str(value).split(task.delimiter)
+            names.update(str(part).strip() for part in parts if str(part).strip())
+        else:
+            names.add(str(int(value)) if isinstance(value, bool) else str(value))
+    if all(name.lstrip("-").isdigit() for name in names):
+        ordered = tuple(sorted(names, key=int))
+    else:
+        ordered = tuple(sorted(names))
+    need = 2 if task.type != "multilabel" else 1
+    if len(ordered) < need or (task.type == "binary" and len(ordered) != 2):
+        raise UserError(f"task {task.name!r}: the training split has the labels {list(ordered)} in column "
+                        f"{task.target!r}; a {task.type} task needs {'exactly 2' if task.type == 'binary' else need}"
+                        f" (or set tasks.{task.name}.classes)")
+    return ordered
+
+
+def target_statistics(task: TaskSpec, records: list[dict]) -> dict:
+    """Mean and std of a regression target over the training split (what standardisation divides by)."""
+    values = [parse_target(task, record.get(task.target), f"training split, line {record.get(LINE)}, column "
+                                                         f"{task.target!r}") for record in records]
+    values = [v for v in values if v is not None]
+    if not values:
+        raise UserError(f"task {task.name!r}: no training sample has a value in column {task.target!r}")
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return {"mean": mean, "std": std if std > 0 else 1.0}
 
 
 @dataclass
@@ -50,50 +107,64 @@ class Data:
     tasks: list[TaskSpec]
     tokenizer: object | None  # a transformers tokenizer, None without a text encoder
 
+    def state(self) -> dict:
+        """What a checkpoint needs to rebuild this data side: label names, regression statistics, tokenizer."""
+        state = {"classes": {task.name: list(task.classes) for task in self.tasks},
+                 "stats": {task.name: [task.mean, task.std] for task in self.tasks},
+                 "skipped": {split: dataset.skipped for split, dataset in self.datasets.items()}}
+        if self.tokenizer is not None:
+            state["tokenizer_files"] = tokenizer_to_files(self.tokenizer)
+        return state
 
-def build_data(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val", "test"),
-               tokenizer_files: dict[str, str] | None = None) -> Data:
-    """Datasets for `splits`. The tokenizer is learnt from the training texts, or rebuilt from a checkpoint's files."""
+
+def build_data(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val", "test"), saved: dict | None = None) -> Data:
+    """Datasets for `splits`. Label names, statistics and the tokenizer are learnt from the training split, or
+    taken from a checkpoint's `data` entry (`saved`) when evaluating."""
     if not (has_encoder(cfg, "image") or has_encoder(cfg, "text")):
         raise UserError("both encoder/image and encoder/text are none; configure at least one modality")
-    tasks = build_tasks(cfg)
+    check_tasks(cfg)
     source = instantiate(cfg.data.source)
-    records = {split: read_jsonl(source.manifests[split]) for split in splits}
+    train_records = source.records["train"]
+    tasks = build_tasks(cfg, train_records, saved)
     tokenizer = None
     if has_encoder(cfg, "text"):
-        if tokenizer_files is not None:
-            tokenizer = tokenizer_from_files(tokenizer_files)
+        if saved is not None:
+            tokenizer = tokenizer_from_files(saved["tokenizer_files"])
         else:
-            texts = [str(record.get("text") or "") for record in records["train"]]
+            texts = [str(record.get("text") or "") for record in train_records]
             tokenizer = instantiate(cfg.encoder.text.tokenizer, texts=texts)
     transform = None
     if has_encoder(cfg, "image"):
-        transform = ImageTransform(size=cfg.encoder.image.get("size"))
+        transform = ImageTransform(size=cfg.encoder.image.get("size") or cfg.data.get("image_size"))
     max_length = cfg.encoder.text.get("max_length", 64)
     datasets = {
-        split: ManifestDataset(records[split], source.manifests[split], source.image_root, tasks, transform,
-                               tokenizer, max_length)
+        split: ManifestDataset(source.records[split], source.files[split], source.image_root, tasks, transform,
+                               tokenizer, max_length, on_bad_sample=cfg.data.get("on_bad_sample", "error"),
+                               check_images=cfg.data.get("check_images", True))
         for split in splits
     }
     return Data(datasets=datasets, tasks=tasks, tokenizer=tokenizer)
 
 
-def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0) -> DataLoader:
+def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device: torch.device | None = None) -> DataLoader:
     """Training shuffles with its own seeded generator (the data order is part of the run's determinism)."""
     training = split == "train"
     pad_id = data.tokenizer.pad_token_id if data.tokenizer is not None else 0
+    workers = cfg.data.num_workers
     return DataLoader(
         data.datasets[split],
         batch_size=cfg.data.batch_size if training else cfg.data.eval_batch_size,
         shuffle=training,
         generator=torch.Generator().manual_seed(seed) if training else None,
-        num_workers=cfg.data.num_workers,
+        num_workers=workers,
+        persistent_workers=bool(cfg.data.get("persistent_workers", False)) and workers > 0,
+        pin_memory=bool(cfg.data.get("pin_memory", True)) and device is not None and device.type == "cuda",
         collate_fn=partial(collate, pad_id=pad_id),
         drop_last=False,
     )
 
 
-def build_model(cfg: DictConfig, tokenizer=None, restoring: bool = False,
+def build_model(cfg: DictConfig, tasks: list[TaskSpec], tokenizer=None, restoring: bool = False,
                 saved_text_config: str | None = None) -> MultiTaskModel:
     """The network. When `restoring` from a checkpoint no pretrained file is read: the architecture comes from
     the config (and `saved_text_config` for a pretrained text model), the weights from the checkpoint."""
@@ -105,9 +176,9 @@ def build_model(cfg: DictConfig, tokenizer=None, restoring: bool = False,
                                        pretrained=not restoring)
     fusion = instantiate(cfg.fusion, input_dims={m: e.dim for m, e in encoders.items()})
     shared = mlp(fusion.dim, list(cfg.shared.hidden), dropout=cfg.shared.dropout)
-    heads = {name: mlp(shared.dim, list(task.head_hidden), output_size(task.type, len(task.classes)))
-             for name, task in cfg.tasks.items()}
-    return MultiTaskModel(encoders, fusion, shared, heads)
+    heads = {task.name: mlp(shared.dim, list(cfg.tasks[task.name].head_hidden), output_size(task.type, len(task.classes)))
+             for task in tasks}
+    return MultiTaskModel(encoders, fusion, shared, heads, modality_dropout=dict(cfg.get("modality_dropout") or {}))
 
 
 def build_optimizer(cfg: DictConfig, model: MultiTaskModel, weighting: torch.nn.Module) -> torch.optim.Optimizer:

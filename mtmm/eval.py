@@ -33,8 +33,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Pa
     precision = precision or cfg.device.precision
     torch_device = resolve_device(device)
 
-    data = build_data(cfg, splits=(split,), tokenizer_files=state["data"].get("tokenizer_files"))
-    model = build_model(cfg, data.tokenizer, restoring=True, saved_text_config=state.get("text_config"))
+    data = build_data(cfg, splits=(split,), saved=state["data"])
+    model = build_model(cfg, data.tasks, data.tokenizer, restoring=True, saved_text_config=state.get("text_config"))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
@@ -42,7 +42,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Pa
                         f"({str(error).splitlines()[0]})") from None
     model.to(torch_device)
     wanted = {name: list(task.metrics) for name, task in cfg.tasks.items()}
-    metrics, outputs = evaluate(model, build_loader(cfg, data, split), data.tasks, wanted, torch_device, precision)
+    loader = build_loader(cfg, data, split, device=torch_device)
+    metrics, outputs = evaluate(model, loader, data.tasks, wanted, torch_device, precision)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "metrics.json", {"checkpoint": str(Path(checkpoint).resolve()), "epoch": state["epoch"],
@@ -55,31 +56,42 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Pa
 
 
 def write_predictions(path: Path, outputs: Outputs, data) -> None:
-    """One line per sample: its id and, per task, target and predicted class names and the probabilities."""
+    """One line per sample: its id and, per task, the target and the prediction (class names, label names or a
+    value in the target's units) with the model's probabilities."""
     dataset = next(iter(data.datasets.values()))
     with path.open("w", encoding="utf-8") as file:
         for row, index in enumerate(outputs.index.tolist()):
             record = {"id": dataset.ids[index]}
             for task in data.tasks:
-                logits = outputs.logits[task.name][row]
-                if task.type == "binary":
-                    probabilities = [1 - torch.sigmoid(logits[0]).item(), torch.sigmoid(logits[0]).item()]
-                else:
-                    probabilities = torch.softmax(logits, dim=-1).tolist()
-                predicted = max(range(len(probabilities)), key=probabilities.__getitem__)
                 labelled = bool(outputs.mask[task.name][row])
-                record[task.name] = {
-                    "target": task.classes[int(outputs.targets[task.name][row])] if labelled else None,
-                    "prediction": task.classes[predicted],
-                    "probabilities": [round(p, 6) for p in probabilities],
-                }
+                record[task.name] = describe(task, outputs.logits[task.name][row], outputs.targets[task.name][row],
+                                             labelled)
             file.write(json.dumps(clean(record)) + "\n")
+
+
+def describe(task, logits: torch.Tensor, target: torch.Tensor, labelled: bool) -> dict:
+    if task.type == "regression":
+        unscale = lambda value: value * task.std + task.mean  # noqa: E731 - back to the target's units
+        return {"target": unscale(float(target)) if labelled else None, "prediction": unscale(float(logits[0]))}
+    if task.type == "multilabel":
+        probabilities = torch.sigmoid(logits).tolist()
+        return {"target": [name for name, on in zip(task.classes, target.tolist()) if on > 0.5] if labelled else None,
+                "prediction": [name for name, p in zip(task.classes, probabilities) if p > 0.5],
+                "probabilities": [round(p, 6) for p in probabilities]}
+    if task.type == "binary":
+        positive = torch.sigmoid(logits[0]).item()
+        probabilities = [1 - positive, positive]
+    else:
+        probabilities = torch.softmax(logits, dim=-1).tolist()
+    predicted = max(range(len(probabilities)), key=probabilities.__getitem__)
+    return {"target": task.classes[int(target)] if labelled else None, "prediction": task.classes[predicted],
+            "probabilities": [round(p, 6) for p in probabilities]}
 
 
 @hydra.main(version_base="1.3", config_path="pkg://mtmm.conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:
-        evaluate_checkpoint(cfg.checkpoint, split=cfg.split, device=cfg.device, precision=cfg.precision,
+        evaluate_checkpoint(cfg.checkpoint, split=cfg.split, device=cfg.device.type, precision=cfg.device.precision,
                             batch_size=cfg.batch_size)
     except UserError as error:
         exit_with(error)

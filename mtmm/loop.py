@@ -61,7 +61,10 @@ def score(outputs: Outputs, tasks: list[TaskSpec], wanted: dict[str, list[str]])
     for task in tasks:
         mask = outputs.mask[task.name]
         logits, targets = outputs.logits[task.name][mask], outputs.targets[task.name][mask]
-        values = task_metrics(task.type, logits.squeeze(-1) if task.type == "binary" else logits, targets)
+        if task.type == "regression":  # metrics in the target's own units, not the standardised ones
+            logits, targets = logits * task.std + task.mean, targets * task.std + task.mean
+        values = task_metrics(task.type, logits.squeeze(-1) if task.type in ("binary", "regression") else logits,
+                              targets)
         metrics[task.name] = {name: values[name] for name in wanted[task.name]}
         metrics[task.name]["loss"] = masked_task_loss(task.type, outputs.logits[task.name], outputs.targets[task.name],
                                                       mask).item()

@@ -12,6 +12,10 @@ Conventions follow scikit-learn so numbers are comparable with the usual tools:
 * ``auroc``: probability that a random positive scores above a random negative,
   ties counting 1/2 (Mann-Whitney U from average ranks, O(N log N)). NaN when the
   targets hold only one class, since it is undefined there (sklearn raises).
+* multilabel ``micro_f1`` (over all label decisions), ``macro_f1`` (mean of per-label F1 over labels that occur
+  in targets or predictions) and ``map`` (mean over labels with at least one positive of the average precision,
+  sklearn's step-wise definition: sum over distinct thresholds of (R_n - R_{n-1}) P_n); prediction = logit > 0.
+* regression ``mae``, ``rmse`` and ``r2`` (1 - SS_res / SS_tot; NaN when the targets are constant).
 * Empty input (N == 0): every metric is NaN rather than an error.
 
 Inputs may live on any device and in any float dtype (bf16/fp16 included); they
@@ -23,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-TASK_TYPES = ("multiclass", "binary")
+TASK_TYPES = ("multiclass", "binary", "multilabel", "regression")
 _NAN = float("nan")
 
 
@@ -82,12 +86,62 @@ def binary_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
     }
 
 
+def _average_precision(scores: Tensor, positive: Tensor) -> float:
+    """Step-wise AP over distinct score thresholds (ties form one step), as sklearn computes it."""
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return _NAN
+    sorted_scores, order = torch.sort(scores, descending=True)
+    hits = positive[order].double()
+    true_positives, seen = torch.cumsum(hits, 0), torch.arange(1, len(hits) + 1, dtype=torch.float64)
+    last_of_group = torch.ones(len(hits), dtype=torch.bool)
+    last_of_group[:-1] = sorted_scores[1:] != sorted_scores[:-1]
+    precision = (true_positives / seen)[last_of_group]
+    recall = (true_positives / n_pos)[last_of_group]
+    steps = torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64))
+    return float((steps * precision).sum())
+
+
+def multilabel_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
+    """logits [N, L], targets [N, L] in {0, 1} -> {"micro_f1", "macro_f1", "map"}."""
+    scores = logits.detach().to("cpu", torch.float32)
+    positive = targets.detach().to("cpu") > 0.5
+    if positive.shape[0] == 0:
+        return {"micro_f1": _NAN, "macro_f1": _NAN, "map": _NAN}
+    preds = scores > 0
+    tp = (preds & positive).sum(0).double()
+    denom = preds.sum(0).double() + positive.sum(0).double()  # 2TP + FP + FN per label
+    micro = 2 * tp.sum() / denom.sum() if denom.sum() > 0 else torch.tensor(0.0)
+    present = denom > 0
+    macro = (2 * tp[present] / denom[present]).mean() if present.any() else torch.tensor(0.0)
+    precisions = [_average_precision(scores[:, k], positive[:, k]) for k in range(scores.shape[1])]
+    defined = [ap for ap in precisions if ap == ap]
+    return {"micro_f1": float(micro), "macro_f1": float(macro),
+            "map": sum(defined) / len(defined) if defined else _NAN}
+
+
+def regression_metrics(predictions: Tensor, targets: Tensor) -> dict[str, float]:
+    """predictions [N] or [N, 1], targets [N] (in the same, original units) -> {"mae", "rmse", "r2"}."""
+    predictions = predictions.detach().to("cpu", torch.float64).reshape(-1)
+    targets = targets.detach().to("cpu", torch.float64).reshape(-1)
+    if targets.numel() == 0:
+        return {"mae": _NAN, "rmse": _NAN, "r2": _NAN}
+    errors = predictions - targets
+    total = ((targets - targets.mean()) ** 2).sum()
+    return {"mae": errors.abs().mean().item(), "rmse": errors.pow(2).mean().sqrt().item(),
+            "r2": (1 - errors.pow(2).sum() / total).item() if total > 0 else _NAN}
+
+
 def task_metrics(task_type: str, logits: Tensor, targets: Tensor) -> dict[str, float]:
-    """Dispatch on task_type: "multiclass" | "binary"; anything else raises ValueError."""
+    """Dispatch on task_type (one of TASK_TYPES); anything else raises ValueError."""
     if task_type == "multiclass":
         return multiclass_metrics(logits, targets)
     if task_type == "binary":
         return binary_metrics(logits, targets)
+    if task_type == "multilabel":
+        return multilabel_metrics(logits, targets)
+    if task_type == "regression":
+        return regression_metrics(logits, targets)
     raise ValueError(f"unknown task type {task_type!r}; expected one of {', '.join(TASK_TYPES)}")
 
 

@@ -12,7 +12,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtmm.build import build_data, build_loader, build_model, build_optimizer, build_scheduler, build_weighting
 from mtmm.checkpoint import load_checkpoint, save_checkpoint
-from mtmm.data.tokenizer import tokenizer_to_files
 from mtmm.device import resolve_device
 from mtmm.errors import UserError, exit_with
 from mtmm.loop import evaluate, fit
@@ -47,8 +46,8 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> float:
     log.info("run folder %s, device %s, precision %s", run_dir, device, cfg.device.precision)
 
     data = build_data(cfg)
-    loaders = {split: build_loader(cfg, data, split, seed=cfg.seed) for split in data.datasets}
-    model = build_model(cfg, data.tokenizer).to(device)
+    loaders = {split: build_loader(cfg, data, split, seed=cfg.seed, device=device) for split in data.datasets}
+    model = build_model(cfg, data.tasks, data.tokenizer).to(device)
     weighting = build_weighting(cfg).to(device)
     optimizer = build_optimizer(cfg, model, weighting)
     scheduler = build_scheduler(cfg, optimizer, total_steps=cfg.trainer.epochs * len(loaders["train"]))
@@ -59,9 +58,8 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> float:
 
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    data_state = {"classes": {task.name: list(task.classes) for task in data.tasks}}
+    data_state = data.state()
     if data.tokenizer is not None:
-        data_state["tokenizer_files"] = tokenizer_to_files(data.tokenizer)
         data.tokenizer.save_pretrained(run_dir / "tokenizer")
     text_encoder = model.encoders["text"] if "text" in model.encoders else None
     text_config = text_encoder.config_json() if text_encoder is not None else None
@@ -93,6 +91,10 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> float:
         "best": {"epoch": best["epoch"], "val": best["val"], "test": test["best"]},
         "final": {"epoch": cfg.trainer.epochs, "val": last_val, "test": test["last"]},
         "checkpoints": {tag: str(path) for tag, path in paths.items()},
+        "samples": {split: len(dataset) for split, dataset in data.datasets.items()},
+        "skipped_samples": data_state["skipped"],
+        "labelled_samples": {split: {task: sum(v is not None for v in dataset.targets[task]) for task in dataset.targets}
+                             for split, dataset in data.datasets.items()},
         "wall_time_s": round(time.time() - started, 2),
     }
     write_json(run_dir / "summary.json", summary)

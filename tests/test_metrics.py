@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mtmm.metrics import binary_metrics, mean_over_tasks, multiclass_metrics, task_metrics
+from mtmm.metrics import multilabel_metrics, regression_metrics, binary_metrics, mean_over_tasks, multiclass_metrics, task_metrics
 
 
 def one_hot_logits(preds: list[int], num_classes: int) -> torch.Tensor:
@@ -103,8 +103,8 @@ def test_task_metrics_dispatch_and_error():
     assert task_metrics("binary", logits, targets) == binary_metrics(logits, targets)
     mc_logits = one_hot_logits([0, 1], 2)
     assert task_metrics("multiclass", mc_logits, targets) == multiclass_metrics(mc_logits, targets)
-    with pytest.raises(ValueError, match=r"'regression'.*multiclass.*binary"):
-        task_metrics("regression", logits, targets)
+    with pytest.raises(ValueError, match=r"'ranking'.*multiclass.*binary.*multilabel.*regression"):
+        task_metrics("ranking", logits, targets)
 
 
 def test_mean_over_tasks_keeps_shared_names():
@@ -118,3 +118,44 @@ def test_mean_over_tasks_keeps_shared_names():
         {"accuracy": 0.25, "macro_f1": 0.3}
     )
     assert mean_over_tasks({}) == {}
+
+
+def brute_force_average_precision(scores, positive):
+    """sklearn's definition written the slow way: for every distinct threshold, from high to low."""
+    total, previous_recall = 0.0, 0.0
+    for threshold in sorted(set(scores), reverse=True):
+        chosen = [p for s, p in zip(scores, positive) if s >= threshold]
+        recall = sum(chosen) / sum(positive)
+        total += (recall - previous_recall) * (sum(chosen) / len(chosen))
+        previous_recall = recall
+    return total
+
+
+def test_multilabel_metrics_against_hand_and_brute_force():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-1.0, 1.0, -2.0], [1.0, 1.0, -1.0], [-3.0, -1.0, 3.0]])
+    targets = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1]])
+    values = multilabel_metrics(logits, targets)
+    # predictions: [1,0,1], [0,1,0], [1,1,0], [0,0,1]: TP 4, FP 2, FN 0 -> micro F1 = 8/10
+    assert values["micro_f1"] == pytest.approx(0.8)
+    # per label F1: label0 2TP/(2*2+0+0)=1, label1 2/(2+1)=2/3, label2 2/(2+1)=2/3
+    assert values["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (40, 4), generator=generator).float()
+    labels = torch.randint(0, 2, (40, 4), generator=generator)
+    expected = [brute_force_average_precision(scores[:, k].tolist(), labels[:, k].tolist()) for k in range(4)]
+    assert multilabel_metrics(scores, labels)["map"] == pytest.approx(sum(expected) / 4)
+
+
+def test_multilabel_map_skips_labels_without_positives():
+    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert multilabel_metrics(logits, torch.tensor([[1, 0], [0, 0]]))["map"] == pytest.approx(1.0)
+
+
+def test_regression_metrics():
+    values = regression_metrics(torch.tensor([[1.0], [2.0], [5.0]]), torch.tensor([1.0, 3.0, 3.0]))
+    assert values["mae"] == pytest.approx(1.0)
+    assert values["rmse"] == pytest.approx(math.sqrt(5 / 3))
+    # SS_res = 0 + 1 + 4 = 5, SS_tot = (1-7/3)^2 + 2 * (2/3)^2 = 24/9
+    assert values["r2"] == pytest.approx(1 - 5 / (24 / 9))
+    assert math.isnan(regression_metrics(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0]))["r2"])
+    assert all(math.isnan(v) for v in regression_metrics(torch.empty(0), torch.empty(0)).values())

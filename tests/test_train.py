@@ -128,7 +128,8 @@ def test_task_weight_zero_leaves_that_head_untrained(make_cfg, tmp_path):
     from mtmm.build import build_data, build_model
     cfg = make_cfg("tasks.img.weight=0")
     torch.manual_seed(cfg.seed)
-    initial = build_model(cfg, build_data(cfg, splits=("train",)).tokenizer).state_dict()
+    data = build_data(cfg, splits=("train",))
+    initial = build_model(cfg, data.tasks, data.tokenizer).state_dict()
     trained = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
     assert torch.equal(trained["heads.img.3.weight"], initial["heads.img.3.weight"])
     assert not torch.equal(trained["heads.txt.3.weight"], initial["heads.txt.3.weight"])

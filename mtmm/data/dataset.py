@@ -1,16 +1,23 @@
-"""Image+text samples read from a JSONL manifest: one JSON object per line with an image path, a text and one
-field per task. Labels are checked and mapped to indices once, up front; images are decoded per item."""
+"""Image+text samples from manifest records: an image path, a text and one field per task.
 
-import json
+Every label is parsed and checked once, up front, and every image file is opened and verified before training
+starts, so bad input fails early with the file, line, column and value; images are decoded per item.
+"""
+
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms.functional import pil_to_tensor, resize
+from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
 
+from mtmm.data.readers import LINE
 from mtmm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -18,9 +25,12 @@ class TaskSpec:
     """What the data side needs to know about one task."""
 
     name: str
-    type: str  # multiclass | binary
-    target: str  # manifest field
-    classes: tuple[str, ...]
+    type: str  # multiclass | binary | multilabel | regression
+    target: str  # manifest column
+    classes: tuple[str, ...] = ()  # class (or label) names in index order; empty for regression
+    delimiter: str = "|"  # multilabel cells given as one string: "drama|comedy"
+    mean: float = 0.0  # regression targets are standardised as (y - mean) / std for training
+    std: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -31,87 +41,169 @@ class ImageTransform:
     and one vectorised op per batch instead of one per image.
     """
 
-    size: int | None = None  # resize the shorter side to this, None keeps the file's size
+    size: int | None = None  # resize the shorter side to this and centre-crop a square; None keeps the file's size
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         tensor = pil_to_tensor(image.convert("RGB"))
         if self.size is not None:
-            tensor = resize(tensor, [self.size], antialias=True)
+            tensor = center_crop(resize(tensor, [self.size], antialias=True), [self.size, self.size])
         return tensor
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """All records of a JSONL manifest; a malformed line is an error naming the file and line."""
-    if not path.is_file():
-        raise UserError(f"manifest {path} does not exist")
-    records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}, line {number}: not valid JSON ({error.msg}): {line.strip()[:80]!r}") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}, line {number}: expected a JSON object, got {line.strip()[:80]!r}")
-            records.append(record)
-    if not records:
-        raise UserError(f"manifest {path} holds no samples")
-    return records
-
-
-def label_index(task: TaskSpec, value, where: str) -> int | None:
-    """A class name or integer -> class index; None (or "") means the sample has no label for this task."""
+def parse_target(task: TaskSpec, value, where: str):
+    """A raw cell -> the training target (class index, multi-hot list or standardised float); None = no label."""
     if value is None or value == "":
         return None
+    if task.type == "regression":
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: {value!r} is not a number (task {task.name!r} is a regression)") from None
+        if not math.isfinite(number):
+            raise UserError(f"{where}: regression target {value!r} of task {task.name!r} is not finite; "
+                            f"leave the cell empty for 'no label'")
+        return (number - task.mean) / task.std
+    if task.type == "multilabel":
+        names = value if isinstance(value, list) else [part.strip() for part in str(value).split(task.delimiter)]
+        hot = [0.0] * len(task.classes)
+        for name in names:
+            if name == "":
+                continue
+            hot[class_index(task, name, where)] = 1.0
+        return hot
+    return class_index(task, value, where)
+
+
+def class_index(task: TaskSpec, value, where: str) -> int:
+    """A class name, an integer or an integer-valued string -> the class index."""
     if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, str) and value in task.classes:
+        return task.classes.index(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
     if isinstance(value, int):
         if 0 <= value < len(task.classes):
             return value
         raise UserError(f"{where}: label {value} of task {task.name!r} is out of range 0..{len(task.classes) - 1}")
-    if isinstance(value, str) and value in task.classes:
-        return task.classes.index(value)
-    raise UserError(
-        f"{where}: label {value!r} of task {task.name!r} is not one of its classes {list(task.classes)} "
-        f"(or an index 0..{len(task.classes) - 1})"
-    )
+    raise UserError(f"{where}: label {value!r} of task {task.name!r} is not one of its classes {list(task.classes)} "
+                    f"(or an index 0..{len(task.classes) - 1})")
+
+
+def label_index(task: TaskSpec, value, where: str) -> int | None:
+    """A class name or integer -> class index; None (or "") means the sample has no label for this task."""
+    return None if value is None or value == "" else class_index(task, value, where)
 
 
 class ManifestDataset(Dataset):
-    """Samples of one split. Texts are tokenised once here, not per step."""
+    """Samples of one split. Texts are tokenised once here, not per step.
+
+    An empty text or a missing image path marks that modality absent for the sample (`present` in the batch);
+    an empty label marks the task unlabelled for the sample (`target_mask`). With on_bad_sample="skip" a row that
+    fails a check is dropped and counted (`self.skipped`) instead of stopping the run.
+    """
 
     def __init__(self, records: list[dict], manifest: Path, image_root: Path, tasks: list[TaskSpec],
-                 transform: ImageTransform | None, tokenizer=None, max_length: int = 64):
-        self.manifest = manifest  # named in error messages
-        self.targets: dict[str, list[int | None]] = {task.name: [] for task in tasks}
+                 transform: ImageTransform | None, tokenizer=None, max_length: int = 64, *,
+                 on_bad_sample: str = "error", check_images: bool = True):
+        if on_bad_sample not in ("error", "skip"):
+            raise UserError(f"data.on_bad_sample={on_bad_sample!r}; use error or skip")
+        self.manifest, self.tasks, self.transform = manifest, tasks, transform
+        check_columns(records, manifest, tasks, transform is not None, tokenizer is not None)
+        self.image_size: tuple[int, int] | None = None  # (width, height) shared by all images when not resized
+        kept, self.skipped = [], 0
         for row, record in enumerate(records, start=1):
-            for task in tasks:
-                if task.target not in record:
-                    raise UserError(f"{manifest}, line {row}: no field {task.target!r} (the target of task {task.name!r})")
-                where = f"{manifest}, line {row}, field {task.target!r}"
-                self.targets[task.name].append(label_index(task, record[task.target], where))
-        self.ids = [str(record.get("id", row)) for row, record in enumerate(records)]
-        self.image_paths = [image_root / record["image"] for record in records] if transform else None
-        self.transform = transform
+            try:
+                kept.append(self.check(record, record.get(LINE, row), image_root, check_images))
+            except UserError as error:
+                if on_bad_sample == "error":
+                    raise
+                if self.skipped == 0:
+                    log.warning("skipping bad samples of %s (data.on_bad_sample=skip); the first: %s", manifest, error)
+                self.skipped += 1
+        if not kept:
+            raise UserError(f"{manifest}: no usable sample left ({self.skipped} skipped)")
+        self.lines = [sample["line"] for sample in kept]
+        self.ids = [sample["id"] for sample in kept]
+        self.targets = {task.name: [sample["targets"][task.name] for sample in kept] for task in tasks}
+        self.image_paths = [sample["image"] for sample in kept]
         self.input_ids = None
         if tokenizer is not None:
-            texts = [str(record.get("text") or "") for record in records]
+            texts = [sample["text"] or "" for sample in kept]
+            self.has_text = [bool(sample["text"]) for sample in kept]
             self.input_ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+    def check(self, record: dict, line: int, image_root: Path, check_images: bool) -> dict:
+        """One record -> its parsed sample, or a UserError naming the file, line, column and value."""
+        targets = {task.name: parse_target(task, record.get(task.target), f"{self.manifest}, line {line}, "
+                                           f"column {task.target!r}") for task in self.tasks}
+        image = None
+        if self.transform is not None and record.get("image"):
+            image = Path(image_root) / str(record["image"])
+            if check_images:
+                self.check_image(image, f"{self.manifest}, line {line}, column 'image'")
+        text = record.get("text")
+        return {"line": line, "id": str(record.get("id", line)), "targets": targets, "image": image,
+                "text": str(text) if text not in (None, "") else None}
+
+    def check_image(self, path: Path, where: str) -> None:
+        if not path.is_file():
+            raise UserError(f"{where}: image file {path} does not exist")
+        try:
+            with Image.open(path) as image:
+                size = image.size
+                image.verify()  # reads the whole file and checks its structure, without decoding pixels
+        except (OSError, UnidentifiedImageError, SyntaxError) as error:
+            raise UserError(f"{where}: cannot read image {path}: {error}") from None
+        if self.transform.size is None:
+            if self.image_size is None:
+                self.image_size = size
+            elif size != self.image_size:
+                raise UserError(f"{where}: image {path} is {size[0]}x{size[1]} but earlier ones are "
+                                f"{self.image_size[0]}x{self.image_size[1]}; set data.image_size (e.g. 224) to "
+                                f"resize and crop them all to one size")
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict:
-        sample = {"index": index, "targets": {name: values[index] for name, values in self.targets.items()}}
+        values = {task.name: self.targets[task.name][index] for task in self.tasks}
+        # An unlabelled sample gets a placeholder target and is masked out of that task's loss and metrics.
+        targets = {task.name: placeholder(task) if values[task.name] is None else values[task.name] for task in self.tasks}
+        mask = {name: value is not None for name, value in values.items()}
+        sample = {"index": index, "targets": targets, "target_mask": mask, "present": {}}
         if self.transform is not None:
             path = self.image_paths[index]
-            try:
-                with Image.open(path) as image:
-                    sample["image"] = self.transform(image)
-            except (OSError, UnidentifiedImageError) as error:
-                raise UserError(f"{self.manifest}, line {index + 1}: cannot read image {path}: {error}") from None
+            sample["present"]["image"] = path is not None
+            sample["image"] = self.load_image(path, index) if path is not None else self.blank_image()
         if self.input_ids is not None:
             sample["input_ids"] = self.input_ids[index]
+            sample["present"]["text"] = self.has_text[index]
         return sample
+
+    def load_image(self, path: Path, index: int) -> torch.Tensor:
+        try:
+            with Image.open(path) as image:
+                return self.transform(image)
+        except (OSError, UnidentifiedImageError) as error:
+            raise UserError(f"{self.manifest}, line {self.lines[index]}: cannot read image {path}: {error}") from None
+
+    def blank_image(self) -> torch.Tensor:
+        """Stands in for an absent image (the model replaces its features with a learnt 'missing' embedding)."""
+        width, height = (self.transform.size,) * 2 if self.transform.size else (self.image_size or (1, 1))
+        return torch.zeros(3, height, width, dtype=torch.uint8)
+
+
+def placeholder(task: TaskSpec):
+    return [0.0] * len(task.classes) if task.type == "multilabel" else 0.0 if task.type == "regression" else 0
+
+
+def check_columns(records: list[dict], manifest: Path, tasks: list[TaskSpec], images: bool, texts: bool) -> None:
+    """A column that no row has is a configuration error, not a missing value: say which columns exist."""
+    present = set().union(*(record.keys() for record in records)) - {LINE}
+    wanted = [(task.target, f"the target of task {task.name!r}") for task in tasks]
+    wanted += [("image", "the image path (map yours with data.columns.image)")] if images else []
+    wanted += [("text", "the text (map yours with data.columns.text)")] if texts else []
+    for column, role in wanted:
+        if column not in present:
+            raise UserError(f"{manifest}: no column {column!r} ({role}); the file has {sorted(present)}")

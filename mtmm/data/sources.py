@@ -1,15 +1,22 @@
-"""Where a dataset's files are: one JSONL manifest per split and the folder image paths are relative to."""
+"""Where a dataset's samples are: records per split (dicts with `image`, `text`, `id` and one column per task)
+and the folder that relative image paths start from. One function per kind of source, chosen by `_target_`."""
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtmm.data.readers import LINE, read_manifest
 from mtmm.data.shapes import prepare_shapes
+from mtmm.errors import UserError
+
+SPLITS = ("train", "val", "test")
 
 
-@dataclass(frozen=True)
+@dataclass
 class DataSource:
-    manifests: dict[str, Path]  # split (train, val, test) -> JSONL manifest
-    image_root: Path  # image paths in the manifests are relative to this folder
+    records: dict[str, list[dict]]  # split -> records, each with its line number under readers.LINE
+    files: dict[str, Path]  # split -> the file its records came from (named in error messages)
+    image_root: Path  # relative image paths are relative to this folder
 
 
 def shapes(cache_dir: str, seed: int = 0, image_size: int = 64, train: int = 4000, val: int = 500, test: int = 500,
@@ -17,5 +24,72 @@ def shapes(cache_dir: str, seed: int = 0, image_size: int = 64, train: int = 400
     """The embedded `shapes` dataset, generated into cache_dir on first use."""
     folder = prepare_shapes(cache_dir, seed=seed, image_size=image_size, train=train, val=val, test=test,
                             background=background)
-    return DataSource(manifests={split: folder / f"{split}.jsonl" for split in ("train", "val", "test")},
-                      image_root=folder)
+    files = {split: folder / f"{split}.jsonl" for split in SPLITS}
+    return DataSource({split: read_manifest(path) for split, path in files.items()}, files, folder)
+
+
+def manifest(train: str, val: str | None = None, test: str | None = None, split_column: str | None = None,
+             val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0,
+             image_root: str | None = None, columns: dict | None = None) -> DataSource:
+    """Your own data: a CSV, TSV or JSONL file per split; or one file with a split column; or one file split at
+    random (seeded) into train/val/test. `columns` maps mtmm's names (image, text, id) to the file's columns."""
+    train_path = Path(train).expanduser()
+    records = {"train": rename_columns(read_manifest(train_path), columns or {}, train_path)}
+    files = {"train": train_path}
+    if split_column is not None:
+        records, files = by_split_column(records["train"], train_path, split_column)
+    else:
+        for split, path in (("val", val), ("test", test)):
+            if path is not None:
+                files[split] = Path(path).expanduser()
+                records[split] = rename_columns(read_manifest(files[split]), columns or {}, files[split])
+        missing = [split for split in ("val", "test") if split not in records]
+        if missing:
+            records.update(random_split(records, missing, {"val": val_fraction, "test": test_fraction}, split_seed,
+                                        train_path))
+            files.update({split: train_path for split in missing})
+    return DataSource(records, files, Path(image_root).expanduser() if image_root else train_path.parent)
+
+
+def rename_columns(records: list[dict], columns: dict, path: Path) -> list[dict]:
+    """Map the file's column names to mtmm's (image, text, id)."""
+    renames = {theirs: ours for ours, theirs in columns.items() if theirs and theirs != ours}
+    if not renames:
+        return records
+    present = set().union(*(record.keys() for record in records))
+    for theirs, ours in renames.items():
+        if theirs not in present:
+            raise UserError(f"{path}: data.source.columns.{ours}={theirs!r} but the file has no such column; "
+                            f"it has {sorted(present - {LINE})}")
+    return [{renames.get(key, key): value for key, value in record.items()} for record in records]
+
+
+def by_split_column(records: list[dict], path: Path, column: str) -> tuple[dict, dict]:
+    names = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
+    split_records = {split: [] for split in SPLITS}
+    for record in records:
+        value = str(record.get(column) or "").strip().lower()
+        if value not in names:
+            raise UserError(f"{path}, line {record[LINE]}, column {column!r}: split {record.get(column)!r} is not one "
+                            f"of train, val (valid, validation, dev), test")
+        split_records[names[value]].append(record)
+    empty = [split for split, rows in split_records.items() if not rows]
+    if empty:
+        raise UserError(f"{path}: no row has split {' or '.join(empty)} in column {column!r}")
+    return split_records, {split: path for split in SPLITS}
+
+
+def random_split(records: dict, missing: list[str], fractions: dict, seed: int, path: Path) -> dict:
+    """Move a seeded random fraction of the training rows into each missing split (same seed, same split)."""
+    rows = list(records["train"])
+    random.Random(seed).shuffle(rows)
+    taken, result = 0, {}
+    for split in missing:
+        count = round(fractions[split] * len(rows))
+        if count < 1:
+            raise UserError(f"{path}: {len(rows)} rows are too few to hold out a {split} split of "
+                            f"{fractions[split]:.0%}; give data.source.{split}=FILE")
+        result[split] = sorted(rows[taken: taken + count], key=lambda record: record[LINE])
+        taken += count
+    records["train"] = sorted(rows[taken:], key=lambda record: record[LINE])
+    return result

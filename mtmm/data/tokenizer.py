@@ -34,7 +34,9 @@ def train_wordpiece(texts: list[str], vocab_size: int = 2000, lowercase: bool = 
     by_frequency = sorted((word for word in counts if word not in known), key=lambda word: (-counts[word], word))
     vocab += by_frequency[: max(0, vocab_size - len(vocab))]
 
-    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    # A generous max_input_chars_per_word: WordPiece's default (100) turns any longer word into [UNK].
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]",
+                                           max_input_chars_per_word=10_000))
     tokenizer.normalizer = normalizer
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.WordPiece()

@@ -31,7 +31,7 @@ class SmallCNN(nn.Module):
         # Without a LayerNorm on each encoder's pooled output, the match task stayed at chance in joint training.
         self.norm = nn.LayerNorm(width)
         self.frozen = freeze
-        set_frozen(self, freeze)
+        set_frozen(self.body, freeze)
 
     def forward(self, images: torch.Tensor) -> Features:
         return features_from_map(self.body(self.normalize(images)), self.norm)
@@ -74,14 +74,23 @@ class TorchvisionEncoder(nn.Module):
         if weights is not None and pretrained:
             model.load_state_dict(load_torchvision_weights(name, weights))
         self.body = feature_map_body(model, name).to(memory_format=torch.channels_last)
-        with torch.no_grad():
-            self.dim = self.body(torch.zeros(1, 3, size or 64, size or 64)).shape[1]
+        self.dim = output_channels(self.body, size or 64)
         self.norm = nn.LayerNorm(self.dim)
         self.frozen = freeze
         set_frozen(self.body, freeze)
 
     def forward(self, images: torch.Tensor) -> Features:
         return features_from_map(self.body(self.normalize(images)), self.norm)
+
+
+def output_channels(body: nn.Module, size: int) -> int:
+    """The feature map's width, from one probe image in eval mode (a train-mode probe would move the BatchNorm
+    statistics of freshly loaded weights, and fail on a 1x1 map)."""
+    body.eval()
+    with torch.no_grad():
+        channels = body(torch.zeros(1, 3, size, size)).shape[1]
+    body.train()
+    return channels
 
 
 def feature_map_body(model: nn.Module, name: str) -> nn.Module:
@@ -100,7 +109,7 @@ def feature_map_body(model: nn.Module, name: str) -> nn.Module:
 def load_torchvision_weights(name: str, weights: str) -> dict:
     """A state dict from a local file, or from the local torch hub cache by weight name (never downloaded)."""
     path = Path(weights).expanduser()
-    if not path.suffix:  # a weight name such as IMAGENET1K_V1 or DEFAULT
+    if not path.exists() and not path.suffix:  # a weight name such as IMAGENET1K_V1 or DEFAULT
         try:
             entry = torchvision.models.get_model_weights(name)[weights] if weights != "DEFAULT" else \
                 torchvision.models.get_model_weights(name).DEFAULT

@@ -7,18 +7,45 @@ from mtmm.models.features import Features
 
 
 class MultiTaskModel(nn.Module):
-    def __init__(self, encoders: dict[str, nn.Module], fusion: nn.Module, shared: nn.Module, heads: dict[str, nn.Module]):
+    """`modality_dropout` (modality -> probability) hides a modality from random training samples, so the model
+    learns to cope when it is missing at test time."""
+
+    def __init__(self, encoders: dict[str, nn.Module], fusion: nn.Module, shared: nn.Module,
+                 heads: dict[str, nn.Module], modality_dropout: dict[str, float] | None = None):
         super().__init__()
         self.encoders = nn.ModuleDict(encoders)
+        # Stands in for a modality a sample lacks (no image path, empty text): pooled features and a single token.
+        self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(e.dim)) for m, e in encoders.items()})
         self.fusion = fusion
         self.shared = shared
         self.heads = nn.ModuleDict(heads)
+        self.modality_dropout = {m: p for m, p in (modality_dropout or {}).items() if m in encoders and p > 0}
 
     def encode(self, batch: dict) -> dict[str, Features]:
-        return {modality: encoder(batch[modality]) for modality, encoder in self.encoders.items()}
+        features = {}
+        for modality, encoder in self.encoders.items():
+            encoded = encoder(batch[modality])
+            present = batch["present"][modality]
+            if self.training and modality in self.modality_dropout:
+                present = present & (torch.rand(present.shape, device=present.device) >= self.modality_dropout[modality])
+            features[modality] = encoded if bool(present.all()) else self.mark_missing(encoded, present, modality)
+        return features
+
+    def mark_missing(self, features: Features, present: torch.Tensor, modality: str) -> Features:
+        """Absent samples get the learnt 'missing' embedding as pooled features and as their one real token."""
+        missing = self.missing[modality].to(features.pooled.dtype)
+        absent = ~present
+        pooled = torch.where(absent[:, None], missing, features.pooled)
+        tokens = features.tokens.clone()
+        tokens[absent] = 0
+        tokens[absent, 0] = missing.to(tokens.dtype)
+        mask = features.mask.clone()
+        mask[absent] = False
+        mask[absent, 0] = True
+        return Features(pooled=pooled, tokens=tokens, mask=mask)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Batch dict (DESIGN.md) -> {task: logits [B, outputs]} (one output for a binary task)."""
+        """Batch dict (DESIGN.md) -> {task: logits [B, outputs]} (one output for binary and regression tasks)."""
         shared = self.shared(self.fusion(self.encode(batch)))
         return {task: head(shared) for task, head in self.heads.items()}
 

@@ -14,6 +14,7 @@ from mtmm.data.dataset import ImageTransform, ManifestDataset, TaskSpec, parse_t
 from mtmm.data.readers import LINE
 from mtmm.data.tokenizer import tokenizer_from_files, tokenizer_to_files
 from mtmm.errors import UserError
+from mtmm.models.image import weights_preset
 from mtmm.models.mlp import mlp
 from mtmm.models.model import MultiTaskModel
 from mtmm.tasks import TASK_TYPES, output_size
@@ -135,7 +136,7 @@ def build_data(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val", "test
             tokenizer = instantiate(cfg.encoder.text.tokenizer, texts=texts)
     transform = None
     if has_encoder(cfg, "image"):
-        transform = ImageTransform(size=cfg.encoder.image.get("size") or cfg.data.get("image_size"))
+        transform = image_transform(cfg)
     max_length = cfg.encoder.text.get("max_length", 64)
     datasets = {
         split: ManifestDataset(source.records[split], source.files[split], source.image_root, tasks, transform,
@@ -144,6 +145,18 @@ def build_data(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val", "test
         for split in splits
     }
     return Data(datasets=datasets, tasks=tasks, tokenizer=tokenizer)
+
+
+def image_transform(cfg: DictConfig) -> ImageTransform:
+    """The encoder's own size wins (encoder.image.size, or what its torchvision weights were trained at), then
+    data.image_size; null everywhere keeps the files' size."""
+    image = cfg.encoder.image
+    if image.get("size"):
+        return ImageTransform(size=image.size)
+    preset = weights_preset(image.name, image.weights) if "weights" in image else None
+    if preset is not None:
+        return ImageTransform(size=preset["resize"], crop=preset["crop"])
+    return ImageTransform(size=cfg.data.get("image_size"))
 
 
 def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device: torch.device | None = None) -> DataLoader:
@@ -175,7 +188,7 @@ def build_model(cfg: DictConfig, tasks: list[TaskSpec], tokenizer=None, restorin
         encoders["text"] = instantiate(cfg.encoder.text, tokenizer=tokenizer, saved_config=saved_text_config,
                                        pretrained=not restoring)
     fusion = instantiate(cfg.fusion, input_dims={m: e.dim for m, e in encoders.items()})
-    shared = mlp(fusion.dim, list(cfg.shared.hidden), dropout=cfg.shared.dropout)
+    shared = instantiate(cfg.mtl, in_dim=fusion.dim, tasks=[task.name for task in tasks])
     heads = {task.name: mlp(shared.dim, list(cfg.tasks[task.name].head_hidden), output_size(task.type, len(task.classes)))
              for task in tasks}
     return MultiTaskModel(encoders, fusion, shared, heads, modality_dropout=dict(cfg.get("modality_dropout") or {}))

@@ -18,6 +18,7 @@ from mtmm.models.fusion import EarlyFusion, LateFusion, MiddleFusion
 from mtmm.models.image import SmallCNN, TorchvisionEncoder
 from mtmm.models.mlp import mlp
 from mtmm.models.model import MultiTaskModel
+from mtmm.models.sharing import HardSharing
 from mtmm.models.text import bert_tiny, pretrained
 from mtmm.tasks import masked_task_loss
 
@@ -54,7 +55,7 @@ def test_frozen_encoder_stays_in_eval_mode(freeze):
     cnn = SmallCNN(channels=[8, 16], freeze=freeze)
     assert [p.requires_grad for p in cnn.body.parameters()] == [not freeze] * len(list(cnn.body.parameters()))
     assert all(p.requires_grad for p in cnn.norm.parameters())  # the LayerNorm after pooling always adapts
-    model = MultiTaskModel({"image": cnn}, EarlyFusion({"image": 16}), mlp(16, [8]), {"t": mlp(8, [], 2)})
+    model = MultiTaskModel({"image": cnn}, EarlyFusion({"image": 16}), HardSharing(16, ["t"], [8]), {"t": mlp(8, [], 2)})
     model.eval()
     model.train()
     assert model.training and model.shared.training and model.heads["t"].training

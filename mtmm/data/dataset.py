@@ -42,12 +42,18 @@ class ImageTransform:
     """
 
     size: int | None = None  # resize the shorter side to this and centre-crop a square; None keeps the file's size
+    crop: int | None = None  # the square's side when it differs from `size` (torchvision weights: 256 -> 224)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         tensor = pil_to_tensor(image.convert("RGB"))
         if self.size is not None:
-            tensor = center_crop(resize(tensor, [self.size], antialias=True), [self.size, self.size])
+            side = self.crop or self.size
+            tensor = center_crop(resize(tensor, [self.size], antialias=True), [side, side])
         return tensor
+
+    @property
+    def side(self) -> int | None:
+        return self.crop or self.size
 
 
 def parse_target(task: TaskSpec, value, where: str):
@@ -190,7 +196,7 @@ class ManifestDataset(Dataset):
 
     def blank_image(self) -> torch.Tensor:
         """Stands in for an absent image (the model replaces its features with a learnt 'missing' embedding)."""
-        width, height = (self.transform.size,) * 2 if self.transform.size else (self.image_size or (1, 1))
+        width, height = (self.transform.side,) * 2 if self.transform.side else (self.image_size or (1, 1))
         return torch.zeros(3, height, width, dtype=torch.uint8)
 
 

@@ -65,6 +65,9 @@ class TorchvisionEncoder(nn.Module):
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), size: int | None = None,
                  pretrained: bool = True):
         super().__init__()
+        preset = weights_preset(name, weights)
+        if preset is not None:  # the weights were trained with their own normalisation: use it
+            mean, std = preset["mean"], preset["std"]
         self.normalize = Normalize(mean, std)
         try:
             model = torchvision.models.get_model(name, weights=None)
@@ -106,16 +109,33 @@ def feature_map_body(model: nn.Module, name: str) -> nn.Module:
     )
 
 
+def weights_preset(name: str, weights: str | None) -> dict | None:
+    """For a torchvision weight name: the normalisation and image size its training used; None otherwise."""
+    if weights is None or Path(weights).expanduser().exists() or Path(weights).suffix:
+        return None
+    entry = weight_entry(name, weights)
+    transform = entry.transforms()
+    return {"mean": list(transform.mean), "std": list(transform.std), "resize": transform.resize_size[0],
+            "crop": transform.crop_size[0]}
+
+
+def weight_entry(name: str, weights: str):
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except ValueError:
+        raise UserError(f"encoder.image.name={name!r} has no torchvision weights") from None
+    try:
+        return enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+    except KeyError:
+        raise UserError(f"encoder.image.weights={weights!r} is not a weight of {name}; known: "
+                        f"{[w.name for w in enum]} or a path to a state dict file") from None
+
+
 def load_torchvision_weights(name: str, weights: str) -> dict:
     """A state dict from a local file, or from the local torch hub cache by weight name (never downloaded)."""
     path = Path(weights).expanduser()
     if not path.exists() and not path.suffix:  # a weight name such as IMAGENET1K_V1 or DEFAULT
-        try:
-            entry = torchvision.models.get_model_weights(name)[weights] if weights != "DEFAULT" else \
-                torchvision.models.get_model_weights(name).DEFAULT
-        except KeyError:
-            names = [w.name for w in torchvision.models.get_model_weights(name)]
-            raise UserError(f"encoder.image.weights={weights!r} is not a weight of {name}; known: {names}") from None
+        entry = weight_entry(name, weights)
         path = Path(torch.hub.get_dir()) / "checkpoints" / Path(entry.url).name
         if not path.is_file():
             raise UserError(

@@ -1,4 +1,4 @@
-"""The whole network: encoders -> fusion -> shared layers -> one head per task."""
+"""The whole network: encoders -> fusion -> shared layers (hard sharing, MMoE or CGC) -> one head per task."""
 
 import torch
 from torch import nn
@@ -46,8 +46,8 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Batch dict (DESIGN.md) -> {task: logits [B, outputs]} (one output for binary and regression tasks)."""
-        shared = self.shared(self.fusion(self.encode(batch)))
-        return {task: head(shared) for task, head in self.heads.items()}
+        per_task = self.shared(self.fusion(self.encode(batch)))  # task -> its representation (hard sharing: one)
+        return {task: head(per_task[task]) for task, head in self.heads.items()}
 
     def train(self, mode: bool = True) -> "MultiTaskModel":
         super().train(mode)

@@ -5,7 +5,8 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
@@ -21,6 +22,20 @@ from mtmm.tasks import TASK_TYPES, output_size
 
 METRICS = {"multiclass": ("accuracy", "macro_f1"), "binary": ("accuracy", "f1", "auroc"),
            "multilabel": ("micro_f1", "macro_f1", "map"), "regression": ("mae", "rmse", "r2")}
+
+
+def instantiate(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, but a UserError raised while building comes out as itself: Hydra would wrap it
+    into an InstantiationException with a stack trace, and the user would lose the one-line message."""
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def has_encoder(cfg: DictConfig, modality: str) -> bool:

@@ -112,13 +112,16 @@ def fit(model, weighting, optimizer, scheduler, loaders: dict, tasks: list[TaskS
                 logits = model(batch)
                 losses = {task: masked_task_loss(types[task], logits[task], batch["targets"][task],
                                                  batch["target_mask"][task]) for task in types}
-                total = weighting(losses)
+                total = weighting(losses, shared=model.last_shared_parameters())
             for task, loss in losses.items():
                 if not torch.isfinite(loss):
                     raise UserError(f"the loss of task {task!r} is {loss.item()} at step {step + 1} (epoch {epoch}); "
                                     f"lower optim.lr or check the data; the last good checkpoint is kept")
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
+            if getattr(weighting, "combines_gradients", False):
+                weighting.backward(losses, model)  # per-task gradients -> one combined update in .grad
+            else:
+                scaler.scale(total).backward()
             if cfg.trainer.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
@@ -135,6 +138,7 @@ def fit(model, weighting, optimizer, scheduler, loaders: dict, tasks: list[TaskS
                                   **{task: {"loss": loss.item()} for task, loss in losses.items()},
                                   weights=weighting.weights(), lr=scheduler.get_last_lr()[0], samples_per_s=rate)
         bar.close()
+        weighting.end_epoch()
 
         val_metrics, _ = evaluate(model, loaders["val"], tasks, wanted, device, precision)
         metrics_log.write(step=step, epoch=epoch, split="val", **val_metrics)

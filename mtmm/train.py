@@ -49,6 +49,9 @@ def _train(cfg: DictConfig, run_dir: Path, started: float) -> float:
     loaders = {split: build_loader(cfg, data, split, seed=cfg.seed, device=device) for split in data.datasets}
     model = build_model(cfg, data.tasks, data.tokenizer).to(device)
     weighting = build_weighting(cfg).to(device)
+    if getattr(weighting, "combines_gradients", False) and cfg.device.precision == "fp16":
+        raise UserError(f"loss={cfg.loss.method} combines per-task gradients, which fp16's loss scaling would distort; "
+                        f"use device.precision=bf16 or fp32")
     optimizer = build_optimizer(cfg, model, weighting)
     scheduler = build_scheduler(cfg, optimizer, total_steps=cfg.trainer.epochs * len(loaders["train"]))
     wanted = {name: list(task.metrics) for name, task in cfg.tasks.items()}

@@ -46,8 +46,18 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Batch dict (DESIGN.md) -> {task: logits [B, outputs]} (one output for binary and regression tasks)."""
-        per_task = self.shared(self.fusion(self.encode(batch)))  # task -> its representation (hard sharing: one)
+        # Kept for methods that combine per-task gradients on the fused representation (loss.on=representation).
+        self.fused = self.fusion(self.encode(batch))
+        per_task = self.shared(self.fused)  # task -> its representation (hard sharing: the same for every task)
         return {task: head(per_task[task]) for task, head in self.heads.items()}
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The last linear layer before the heads (GradNorm balances gradient norms there)."""
+        for part in (self.shared, self.fusion, *self.encoders.values()):
+            linears = [m for m in part.modules() if isinstance(m, nn.Linear)]
+            if linears:
+                return list(linears[-1].parameters())
+        return [p for p in self.parameters() if p.requires_grad][-1:]
 
     def train(self, mode: bool = True) -> "MultiTaskModel":
         super().train(mode)

@@ -271,7 +271,8 @@ class GradNorm(nn.Module):
         for k, here in enumerate(flags):
             if here and loss[k].requires_grad:
                 grads = torch.autograd.grad(loss[k], shared, retain_graph=True, allow_unused=True)
-                norms[k] = torch.sqrt(sum(((g.float() ** 2).sum() for g in grads if g is not None), value.new_zeros(())))
+                squares = [(g.float() ** 2).sum() for g in grads if g is not None]
+                norms[k] = torch.stack(squares).sum().sqrt() if squares else 0.0
         g = self.w * norms
         rate = torch.where(present, value / self.initial_losses.clamp_min(1e-12), 0.0)
         relative = rate / (rate.sum() / count)

@@ -12,9 +12,12 @@ class StaticWeighting(nn.Module):
         super().__init__()
         self.task_weights = dict(task_weights)
 
-    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, losses: dict[str, torch.Tensor], shared=None) -> torch.Tensor:
         return sum(self.task_weights[task] * loss for task, loss in losses.items())
 
     def weights(self) -> dict[str, float]:
         """The current weight of every task, logged to metrics.jsonl."""
         return dict(self.task_weights)
+
+    def end_epoch(self) -> None:
+        pass

@@ -133,11 +133,11 @@ class ManifestDataset(Dataset):
         self.ids = [sample["id"] for sample in kept]
         self.targets = {task.name: [sample["targets"][task.name] for sample in kept] for task in tasks}
         self.image_paths = [sample["image"] for sample in kept]
+        self.texts = [sample["text"] or "" for sample in kept]  # raw, kept for robustness tests that corrupt them
         self.input_ids = None
+        self.has_text = [bool(sample["text"]) for sample in kept]
         if tokenizer is not None:
-            texts = [sample["text"] or "" for sample in kept]
-            self.has_text = [bool(sample["text"]) for sample in kept]
-            self.input_ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+            self.input_ids = tokenizer(self.texts, truncation=True, max_length=max_length)["input_ids"]
 
     def check(self, record: dict, line: int, image_root: Path, check_images: bool) -> dict:
         """One record -> its parsed sample, or a UserError naming the file, line, column and value."""

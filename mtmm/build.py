@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from mtmm.data.collate import collate
 from mtmm.data.dataset import ImageTransform, ManifestDataset, TaskSpec, parse_target
 from mtmm.data.readers import LINE
+from mtmm.data.sampler import EpochShuffle
 from mtmm.data.tokenizer import tokenizer_from_files, tokenizer_to_files
 from mtmm.errors import UserError
 from mtmm.models.image import weights_preset
@@ -174,16 +175,30 @@ def image_transform(cfg: DictConfig) -> ImageTransform:
     return ImageTransform(size=cfg.data.get("image_size"))
 
 
-def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device: torch.device | None = None) -> DataLoader:
-    """Training shuffles with its own seeded generator (the data order is part of the run's determinism)."""
+def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device: torch.device | None = None,
+                 rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Training draws its order from EpochShuffle (seeded by epoch: part of the run's determinism and of exact
+    resumption); evaluation keeps the file order. With world_size > 1 each rank gets its share of the batch."""
     training = split == "train"
     pad_id = data.tokenizer.pad_token_id if data.tokenizer is not None else 0
     workers = cfg.data.num_workers
+    dataset = data.datasets[split]
+    if training:
+        sampler = EpochShuffle(len(dataset), seed, rank, world_size)
+    elif world_size > 1:
+        sampler = list(range(len(dataset)))[rank::world_size]
+    else:
+        sampler = None
+    batch_size = cfg.data.batch_size if training else cfg.data.eval_batch_size
+    if training and batch_size % world_size:
+        raise UserError(f"data.batch_size={batch_size} must be a multiple of device.nproc_per_node={world_size}")
     return DataLoader(
-        data.datasets[split],
-        batch_size=cfg.data.batch_size if training else cfg.data.eval_batch_size,
-        shuffle=training,
-        generator=torch.Generator().manual_seed(seed) if training else None,
+        dataset,
+        batch_size=batch_size // world_size if training else batch_size,
+        sampler=sampler,
+        # Its own generator: creating an iterator draws a seed from it, and drawing from the global RNG instead
+        # would shift dropout's random numbers after a resume.
+        generator=torch.Generator().manual_seed(seed),
         num_workers=workers,
         persistent_workers=bool(cfg.data.get("persistent_workers", False)) and workers > 0,
         pin_memory=bool(cfg.data.get("pin_memory", True)) and device is not None and device.type == "cuda",

@@ -16,13 +16,16 @@ from mtmm.device import resolve_device
 from mtmm.errors import UserError, exit_with
 from mtmm.loop import Outputs, evaluate
 from mtmm.records import clean, write_json
+from mtmm.robustness import LEVELS, evaluate_robustness, plot_curves
 
 log = logging.getLogger("mtmm")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Path | None = None,
-                        device: str = "auto", precision: str | None = None, batch_size: int | None = None) -> dict:
-    """Score `split` with the model in `checkpoint`; returns (and writes) the metrics."""
+                        device: str = "auto", precision: str | None = None, batch_size: int | None = None,
+                        robustness: bool = False, levels=LEVELS) -> dict:
+    """Score `split` with the model in `checkpoint`; returns (and writes) the metrics. With `robustness`, also
+    the metrics with each modality removed and under corruptions of growing strength (robustness.json/.png)."""
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     state = load_checkpoint(checkpoint)
     cfg = OmegaConf.create(state["config"])
@@ -49,6 +52,11 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Pa
     write_json(run_dir / "metrics.json", {"checkpoint": str(Path(checkpoint).resolve()), "epoch": state["epoch"],
                                           "step": state["step"], "split": split, "metrics": metrics})
     write_predictions(run_dir / "predictions.jsonl", outputs, data)
+    if robustness:
+        result = evaluate_robustness(model, cfg, data, split, torch_device, precision, wanted, levels=tuple(levels))
+        write_json(run_dir / "robustness.json", {"checkpoint": str(Path(checkpoint).resolve()), "split": split, **result})
+        plot_curves(result, run_dir / "robustness.png")
+        print(f"robustness: {run_dir / 'robustness.json'} and robustness.png")
     for task, values in metrics.items():
         print(f"{split} {task:>8}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "count"))
     print(f"evaluation folder: {run_dir}")
@@ -92,7 +100,7 @@ def describe(task, logits: torch.Tensor, target: torch.Tensor, labelled: bool) -
 def main(cfg: DictConfig) -> None:
     try:
         evaluate_checkpoint(cfg.checkpoint, split=cfg.split, device=cfg.device.type, precision=cfg.device.precision,
-                            batch_size=cfg.batch_size)
+                            batch_size=cfg.batch_size, robustness=cfg.robustness, levels=cfg.robustness_levels)
     except UserError as error:
         exit_with(error)
 

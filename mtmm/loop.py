@@ -3,13 +3,14 @@
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from mtmm.data.dataset import TaskSpec
 from mtmm.device import autocast
+from mtmm.distributed import Rank, gather, mean_across_ranks
 from mtmm.errors import UserError
 from mtmm.metrics import mean_over_tasks, task_metrics
 from mtmm.tasks import masked_task_loss
@@ -74,9 +75,20 @@ def score(outputs: Outputs, tasks: list[TaskSpec], wanted: dict[str, list[str]])
     return metrics
 
 
-def evaluate(model, loader, tasks, wanted, device, precision) -> tuple[dict, Outputs]:
-    outputs = predict(model, loader, device, precision)
+def evaluate(model, loader, tasks, wanted, device, precision, rank: Rank = Rank()) -> tuple[dict, Outputs]:
+    """Metrics of a split; under distributed training every rank predicts its share and all ranks score the whole."""
+    outputs = merge(gather(predict(model, loader, device, precision), rank))
     return score(outputs, tasks, wanted), outputs
+
+
+def merge(parts: list[Outputs]) -> Outputs:
+    """Outputs of several ranks -> one, in dataset order."""
+    if len(parts) == 1:
+        return parts[0]
+    index = torch.cat([p.index for p in parts])
+    order = index.argsort()
+    join = lambda field: {t: torch.cat([getattr(p, field)[t] for p in parts])[order] for t in parts[0].logits}  # noqa: E731
+    return Outputs(index=index[order], logits=join("logits"), targets=join("targets"), mask=join("mask"))
 
 
 def monitored(metrics: dict[str, dict], monitor: str) -> float:
@@ -91,32 +103,61 @@ def improved(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
-def fit(model, weighting, optimizer, scheduler, loaders: dict, tasks: list[TaskSpec], wanted: dict, cfg, device,
-        metrics_log, save) -> tuple[dict, dict]:
-    """Train for cfg.trainer.epochs, validating after every epoch. `save(tag, epoch, step, val_metrics)` writes
-    checkpoints/<tag>.pt. Returns the best epoch (its number, monitored value and validation metrics) and the
-    last epoch's validation metrics."""
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.device.precision == "fp16" and device.type == "cuda")
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so a resumed run continues exactly here."""
+
+    epoch: int = 1  # the epoch in progress (1-based)
+    batch: int = 0  # batches of that epoch already trained on
+    step: int = 0  # optimizer steps so far
+    best: dict = field(default_factory=lambda: {"epoch": None, "value": None, "val": None})
+    last_val: dict | None = None  # validation metrics of the last finished epoch
+    skipped_nonfinite: int = 0  # batches skipped for a non-finite loss (trainer.on_nonfinite=skip)
+
+
+class Stop(Exception):
+    """Raised after a checkpoint was written because SIGTERM or SIGINT asked the run to stop."""
+
+
+def fit(model, weighting, optimizer, scheduler, scaler, loaders: dict, tasks: list[TaskSpec], wanted: dict, cfg,
+        device, metrics_log, save, progress: Progress, stop_requested=lambda: False, rank: Rank = Rank(),
+        forward=None) -> Progress:
+    """Train from `progress` to the end of cfg.trainer.epochs, validating after every epoch.
+
+    `save(tag, progress)` writes checkpoints/<tag>.pt: "last" every cfg.trainer.checkpoint_every steps and at every
+    epoch end, "best" when the monitored metric improves. When `stop_requested()` turns true, the current step
+    finishes, "last" is written and Stop is raised. Under distributed training `forward` is the DDP-wrapped model
+    and `model` the module inside it; only rank 0 writes (save and metrics_log are no-ops elsewhere).
+    """
+    forward = forward or model
     precision = cfg.device.precision
     types = {task.name: task.type for task in tasks}
-    step, best = 0, {"epoch": None, "value": None, "val": None}
-    for epoch in range(1, cfg.trainer.epochs + 1):
+    train_loader = loaders["train"]
+    while progress.epoch <= cfg.trainer.epochs:
+        epoch = progress.epoch
         model.train()
         weighting.train()
-        started, seen = time.perf_counter(), 0
-        bar = tqdm(loaders["train"], desc=f"epoch {epoch}/{cfg.trainer.epochs}", leave=False,
+        train_loader.sampler.set_epoch(epoch, start=progress.batch * train_loader.batch_size)
+        started, seen, total = time.perf_counter(), 0, None
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.trainer.epochs}", leave=False,
                    disable=None if cfg.trainer.progress else True, dynamic_ncols=True)
         for batch in bar:
             batch = to_device(batch, device)
             with autocast(device, precision):
-                logits = model(batch)
+                logits = forward(batch)
                 losses = {task: masked_task_loss(types[task], logits[task], batch["targets"][task],
                                                  batch["target_mask"][task]) for task in types}
                 total = weighting(losses, shared=model.last_shared_parameters())
-            for task, loss in losses.items():
-                if not torch.isfinite(loss):
-                    raise UserError(f"the loss of task {task!r} is {loss.item()} at step {step + 1} (epoch {epoch}); "
-                                    f"lower optim.lr or check the data; the last good checkpoint is kept")
+            progress.batch += 1
+            bad = [task for task, loss in losses.items() if not torch.isfinite(loss)]
+            if bad and cfg.trainer.on_nonfinite == "skip":
+                progress.skipped_nonfinite += 1
+                log.warning("skipped batch %d of epoch %d: non-finite loss of %s", progress.batch, epoch, bad)
+                continue
+            if bad:
+                raise UserError(f"the loss of task {bad[0]!r} is {losses[bad[0]].item()} at step {progress.step + 1} "
+                                f"(epoch {epoch}); lower optim.lr, check the data, or set trainer.on_nonfinite=skip; "
+                                f"the last good checkpoint is kept")
             optimizer.zero_grad(set_to_none=True)
             if getattr(weighting, "combines_gradients", False):
                 weighting.backward(losses, model)  # per-task gradients -> one combined update in .grad
@@ -129,27 +170,36 @@ def fit(model, weighting, optimizer, scheduler, loaders: dict, tasks: list[TaskS
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            step += 1
+            progress.step += 1
             seen += len(batch["index"])
             rate = seen / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{total.item():.4f}", samples_per_s=f"{rate:.0f}")
-            if step % cfg.trainer.log_every == 0:
-                metrics_log.write(step=step, epoch=epoch, split="train", loss=total.item(),
-                                  **{task: {"loss": loss.item()} for task, loss in losses.items()},
+            if progress.step % cfg.trainer.log_every == 0:
+                logged = mean_across_ranks({"total": total.item(), **{t: l.item() for t, l in losses.items()}}, rank)
+                metrics_log.write(step=progress.step, epoch=epoch, split="train", loss=logged["total"],
+                                  **{task: {"loss": logged[task]} for task in losses},
                                   weights=weighting.weights(), lr=scheduler.get_last_lr()[0], samples_per_s=rate)
+            if stop_requested():
+                save("last", progress)
+                raise Stop()
+            if cfg.trainer.checkpoint_every and progress.step % cfg.trainer.checkpoint_every == 0:
+                save("last", progress)
         bar.close()
         weighting.end_epoch()
 
-        val_metrics, _ = evaluate(model, loaders["val"], tasks, wanted, device, precision)
-        metrics_log.write(step=step, epoch=epoch, split="val", **val_metrics)
+        val_metrics, _ = evaluate(model, loaders["val"], tasks, wanted, device, precision, rank)
+        metrics_log.write(step=progress.step, epoch=epoch, split="val", **val_metrics)
         value = monitored({"val": val_metrics}, cfg.trainer.monitor)
-        log.info("epoch %d/%d  step %d  %.0f samples/s  train loss %.4f  val %s  %s=%.4f", epoch, cfg.trainer.epochs,
-                 step, rate, total.item(), brief(val_metrics), cfg.trainer.monitor, value)
-        save("last", epoch, step, val_metrics)
-        if improved(value, best["value"], cfg.trainer.monitor_mode):
-            best = {"epoch": epoch, "value": value, "val": val_metrics}
-            save("best", epoch, step, val_metrics)
-    return best, val_metrics
+        log.info("epoch %d/%d  step %d  train loss %s  val %s  %s=%.4f", epoch, cfg.trainer.epochs, progress.step,
+                 f"{total.item():.4f}" if total is not None else "-", brief(val_metrics), cfg.trainer.monitor, value)
+        progress.epoch, progress.batch, progress.last_val = epoch + 1, 0, val_metrics
+        if improved(value, progress.best["value"], cfg.trainer.monitor_mode):
+            progress.best = {"epoch": epoch, "value": value, "val": val_metrics}
+            save("best", progress)
+        save("last", progress)  # after best.pt: a crash in between redoes nothing that last.pt says is done
+        if stop_requested():
+            raise Stop()
+    return progress
 
 
 def brief(metrics: dict[str, dict]) -> str:

@@ -18,17 +18,37 @@ def clean(value):
 
 
 class MetricsLog:
-    """Appends one JSON object per line and flushes, so a killed run keeps every record written so far."""
+    """Appends one JSON object per line and flushes, so a killed run keeps every record written so far.
+    Disabled (enabled=False) on the processes of a distributed run other than rank 0."""
 
-    def __init__(self, path: Path):
-        self.file = path.open("a", encoding="utf-8")
+    def __init__(self, path: Path, enabled: bool = True):
+        self.file = path.open("a", encoding="utf-8") if enabled else None
 
     def write(self, **record) -> None:
-        self.file.write(json.dumps(clean(record)) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(clean(record)) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def truncate_jsonl(path: Path, keep) -> None:
+    """Keep the records for which keep(record) is true (and any half-written last line is dropped), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if keep(record):
+            kept.append(line)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(temp, path)
 
 
 def write_json(path: Path, data: dict) -> None:

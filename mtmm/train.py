@@ -1,8 +1,12 @@
 """`mtmm-train`: compose the config with Hydra, train, write the run folder. train(cfg) is a plain function."""
 
+import json
 import logging
 import random
+import signal
+import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -10,102 +14,226 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mtmm.build import build_data, build_loader, build_model, build_optimizer, build_scheduler, build_weighting
+from mtmm import distributed
+from mtmm.build import (build_data, build_loader, build_model, build_optimizer, build_scheduler, build_weighting,
+                        instantiate)
 from mtmm.checkpoint import load_checkpoint, save_checkpoint
 from mtmm.device import resolve_device
 from mtmm.errors import UserError, exit_with
-from mtmm.loop import evaluate, fit
-from mtmm.records import MetricsLog, write_json
+from mtmm.loop import Progress, Stop, evaluate, fit
+from mtmm.records import MetricsLog, truncate_jsonl, write_json
 
 log = logging.getLogger("mtmm")
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> float:
     """Train one model as `cfg` says, write everything into `run_dir` (Hydra's output dir by default) and return
-    the monitored validation metric of the best epoch (what a sweeper optimises)."""
-    started = time.time()
+    the monitored validation metric of the best epoch (what a sweeper optimises). With cfg.resume set, continue
+    that run in its own folder from its last checkpoint instead."""
+    resume = None
+    if cfg.get("resume"):
+        resume = load_checkpoint(resume_checkpoint(cfg.resume))
+        run_dir = Path(resume_checkpoint(cfg.resume)).parent.parent
+        cfg = OmegaConf.create(resume["config"])
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     checkpoints = run_dir / "checkpoints"
-    if checkpoints.exists() and any(checkpoints.iterdir()):
+    if resume is None and checkpoints.exists() and any(checkpoints.iterdir()):
         raise UserError(f"{run_dir} already holds a run (checkpoints/ is not empty); mtmm never overwrites one. "
-                        f"Pick another folder with hydra.run.dir=...")
+                        f"Continue it with resume={run_dir}, or pick another folder with hydra.run.dir=...")
     run_dir.mkdir(parents=True, exist_ok=True)
+    nproc = cfg.device.get("nproc_per_node", 1)
+    if nproc > 1:
+        instantiate(cfg.data.source)  # generate embedded data once, before the processes race for it
+        distributed.launch(nproc, distributed_worker, OmegaConf.to_yaml(cfg), str(run_dir), resume is not None)
+        return json_value(run_dir / "summary.json", "monitor_value")
     file_log = attach_log_file(run_dir / "train.log")
     try:
-        return _train(cfg, run_dir, started)
+        return run(cfg, run_dir, resume)
     finally:
         if file_log is not None:
             logging.getLogger().removeHandler(file_log)
             file_log.close()
 
 
-def _train(cfg: DictConfig, run_dir: Path, started: float) -> float:
+def distributed_worker(cfg_yaml: str, run_dir: str, resuming: bool) -> float:
+    """One process of a distributed run (started by torchelastic or torchrun)."""
+    cfg = OmegaConf.create(cfg_yaml)
+    rank = distributed.init(resolve_device(cfg.device.type).type)
+    file_log = attach_log_file(Path(run_dir) / "train.log") if rank.main else None
+    try:
+        resume = load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt") if resuming else None
+        return run(cfg, Path(run_dir), resume, rank)
+    finally:
+        if file_log is not None:
+            logging.getLogger().removeHandler(file_log)
+        torch.distributed.destroy_process_group()
+
+
+def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Rank()) -> float:
+    started = time.time()
     check_monitor(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device.type)
-    log.info("run folder %s, device %s, precision %s", run_dir, device, cfg.device.precision)
+    if device.type == "cuda" and rank.world_size > 1:
+        device = torch.device("cuda", rank.local_rank)
+    log.info("run folder %s, device %s, precision %s%s", run_dir, device, cfg.device.precision,
+             f", {rank.world_size} processes" if rank.world_size > 1 else "")
 
-    data = build_data(cfg)
-    loaders = {split: build_loader(cfg, data, split, seed=cfg.seed, device=device) for split in data.datasets}
-    model = build_model(cfg, data.tasks, data.tokenizer).to(device)
+    data = build_data(cfg, saved=resume["data"] if resume else None)
+    loaders = {split: build_loader(cfg, data, split, seed=cfg.seed, device=device, rank=rank.rank,
+                                   world_size=rank.world_size) for split in data.datasets}
+    model = build_model(cfg, data.tasks, data.tokenizer, restoring=resume is not None,
+                        saved_text_config=resume.get("text_config") if resume else None).to(device)
     weighting = build_weighting(cfg).to(device)
-    if getattr(weighting, "combines_gradients", False) and cfg.device.precision == "fp16":
-        raise UserError(f"loss={cfg.loss.method} combines per-task gradients, which fp16's loss scaling would distort; "
-                        f"use device.precision=bf16 or fp32")
+    check_weighting(cfg, weighting, rank)
     optimizer = build_optimizer(cfg, model, weighting)
     scheduler = build_scheduler(cfg, optimizer, total_steps=cfg.trainer.epochs * len(loaders["train"]))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.device.precision == "fp16" and device.type == "cuda")
+    forward = model
+    if rank.world_size > 1:
+        # find_unused_parameters: the 'missing' embeddings get no gradient in a batch where every sample is complete.
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.index is not None else None, find_unused_parameters=True)
+    if cfg.trainer.get("compile"):
+        forward = torch.compile(forward)
     wanted = {name: list(task.metrics) for name, task in cfg.tasks.items()}
     log.info("%d parameters (%d trainable); splits %s", sum(p.numel() for p in model.parameters()),
              sum(p.numel() for p in model.parameters() if p.requires_grad),
              {split: len(dataset) for split, dataset in data.datasets.items()})
 
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
     data_state = data.state()
-    if data.tokenizer is not None:
-        data.tokenizer.save_pretrained(run_dir / "tokenizer")
-    text_encoder = model.encoders["text"] if "text" in model.encoders else None
-    text_config = text_encoder.config_json() if text_encoder is not None else None
+    text_config = model.encoders["text"].config_json() if "text" in model.encoders else None
     paths = {"last": run_dir / "checkpoints" / "last.pt", "best": run_dir / "checkpoints" / "best.pt"}
+    progress = Progress()
+    if resume is not None:
+        progress = restore(resume, model, weighting, optimizer, scheduler, scaler)
+        log.info("resumed at epoch %d, batch %d, step %d", progress.epoch, progress.batch, progress.step)
+    elif rank.main:
+        (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        if data.tokenizer is not None:
+            data.tokenizer.save_pretrained(run_dir / "tokenizer")
 
-    def save(tag: str, epoch: int, step: int, val_metrics: dict) -> None:
-        save_checkpoint({
-            "config": config_yaml, "model": model.state_dict(), "weighting": weighting.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
-            "rng": {"torch": torch.get_rng_state(), "data_order": loaders["train"].generator.get_state()},
-            "metrics": {"val": val_metrics}, "data": data_state, "text_config": text_config,
-        }, paths[tag])
+    def save(tag: str, progress: Progress) -> None:
+        if rank.main:
+            save_checkpoint({
+                "config": config_yaml, "model": model.state_dict(), "weighting": weighting.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": progress.epoch - 1, "step": progress.step, "progress": asdict(progress), "rng": rng_state(),
+                "metrics": {"val": progress.last_val}, "data": data_state, "text_config": text_config,
+            }, paths[tag])
 
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    if rank.main and resume is not None:  # records written after the checkpoint will be written again
+        truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step") is not None and r["step"] <= progress.step)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=rank.main)
+    stop = StopSignal()
     try:
-        best, last_val = fit(model, weighting, optimizer, scheduler, loaders, data.tasks, wanted, cfg, device,
-                             metrics_log, save)
+        progress = fit(model, weighting, optimizer, scheduler, scaler, loaders, data.tasks, wanted, cfg, device,
+                       metrics_log, save, progress, stop.requested, rank, forward)
         test = {}
         for tag in ("last", "best"):  # the model holds the last weights first
             if tag == "best":
+                distributed.barrier(rank)  # rank 0 may still be writing best.pt
                 model.load_state_dict(load_checkpoint(paths["best"])["model"])
-            test[tag] = evaluate(model, loaders["test"], data.tasks, wanted, device, cfg.device.precision)[0]
+            test[tag] = evaluate(model, loaders["test"], data.tasks, wanted, device, cfg.device.precision, rank)[0]
             metrics_log.write(step=None, epoch=None, split="test", checkpoint=tag, **test[tag])
+    except Stop:
+        raise UserError(f"stopped by {stop.name} at step {progress.step} (epoch {progress.epoch}); the checkpoint "
+                        f"{paths['last']} is written. Resume with: mtmm-train resume={run_dir}") from None
     finally:
         metrics_log.close()
+        stop.restore()
 
+    best = progress.best
     summary = {
         "monitor": cfg.trainer.monitor, "monitor_value": best["value"],
         "best": {"epoch": best["epoch"], "val": best["val"], "test": test["best"]},
-        "final": {"epoch": cfg.trainer.epochs, "val": last_val, "test": test["last"]},
+        "final": {"epoch": cfg.trainer.epochs, "val": progress.last_val, "test": test["last"]},
         "checkpoints": {tag: str(path) for tag, path in paths.items()},
         "samples": {split: len(dataset) for split, dataset in data.datasets.items()},
         "skipped_samples": data_state["skipped"],
         "labelled_samples": {split: {task: sum(v is not None for v in dataset.targets[task]) for task in dataset.targets}
                              for split, dataset in data.datasets.items()},
+        "skipped_nonfinite_batches": progress.skipped_nonfinite,
         "wall_time_s": round(time.time() - started, 2),
     }
-    write_json(run_dir / "summary.json", summary)
+    if rank.main:
+        write_json(run_dir / "summary.json", summary)
     log.info("best epoch %d (%s=%.4f); test of best.pt: %s", best["epoch"], cfg.trainer.monitor, best["value"],
              ", ".join(f"{task} {name} {value:.4f}" for task, values in test["best"].items() if task != "mean"
                        for name, value in values.items() if name not in ("loss", "count")))
     log.info("run folder: %s", run_dir)
     return best["value"]
+
+
+def restore(state: dict, model, weighting, optimizer, scheduler, scaler) -> Progress:
+    """Put everything a checkpoint holds back in place, RNG states included, and say where to continue."""
+    model.load_state_dict(state["model"])
+    weighting.load_state_dict(state["weighting"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    random.setstate(rebuild_python_state(state["rng"]["python"]))
+    torch.set_rng_state(state["rng"]["torch"])
+    if torch.cuda.is_available() and state["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return Progress(**state["progress"])
+
+
+def rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def rebuild_python_state(saved: list) -> tuple:
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
+
+
+def resume_checkpoint(target: str) -> Path:
+    """resume= takes a checkpoint file or a run folder (then its checkpoints/last.pt)."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+        if not path.is_file():
+            raise UserError(f"resume={target}: the folder has no checkpoints/last.pt; nothing to resume")
+    return path
+
+
+class StopSignal:
+    """SIGTERM / SIGINT (preemption, Ctrl-C): note it, let the step finish, then checkpoint and stop."""
+
+    def __init__(self):
+        self.name = None
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread (e.g. some notebook runners): no graceful stop there
+                pass
+
+    def handle(self, signum, frame) -> None:
+        self.name = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        return self.name is not None
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def check_weighting(cfg: DictConfig, weighting, rank) -> None:
+    gradient_based = getattr(weighting, "combines_gradients", False) or type(weighting).__name__ == "GradNorm"
+    if getattr(weighting, "combines_gradients", False) and cfg.device.precision == "fp16":
+        raise UserError(f"loss={cfg.loss.method} combines per-task gradients, which fp16's loss scaling would distort; "
+                        f"use device.precision=bf16 or fp32")
+    if gradient_based and rank.world_size > 1:
+        raise UserError("gradient-based loss weighting (pcgrad, cagrad, mgda, imtl, aligned_mtl, nash_mtl, gradnorm) "
+                        "takes per-task gradients, which DistributedDataParallel does not average; use one process")
 
 
 def check_monitor(cfg: DictConfig) -> None:
@@ -126,6 +254,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def json_value(path: Path, key: str):
+    return json.loads(path.read_text())[key]
+
+
 def attach_log_file(path: Path) -> logging.Handler | None:
     """Hydra already logs to <run folder>/train.log; a run started in-process (tests, notebooks) gets the same file."""
     root = logging.getLogger()
@@ -139,12 +271,31 @@ def attach_log_file(path: Path) -> logging.Handler | None:
     return handler
 
 
+def resume_into_its_folder(argv: list[str]) -> list[str]:
+    """`mtmm-train resume=RUN`: point Hydra at RUN itself (its train.log is appended to) and keep the original
+    .hydra/ of the run by writing this invocation's Hydra files into .hydra/resumed-<time>/."""
+    for argument in argv:
+        if argument.startswith("resume=") and argument != "resume=null":
+            folder = resume_checkpoint(argument.split("=", 1)[1]).parent.parent
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            return [*argv, f"hydra.run.dir={folder}", f"hydra.output_subdir=.hydra/resumed-{stamp}"]
+    return argv
+
+
 @hydra.main(version_base="1.3", config_path="pkg://mtmm.conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
     except UserError as error:
         exit_with(error)
+
+
+def main() -> None:
+    try:
+        sys.argv = resume_into_its_folder(sys.argv)
+    except UserError as error:
+        exit_with(error)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -92,3 +92,21 @@ def test_wheel_ships_the_configs(tmp_path):
     for config in ("mtmm/conf/train.yaml", "mtmm/conf/eval.yaml", "mtmm/conf/tasks/img+txt.yaml",
                    "mtmm/conf/encoder/image/cnn.yaml", "mtmm/conf/fusion/middle.yaml", "mtmm/conf/__init__.py"):
         assert config in names, config
+
+
+@pytest.mark.slow
+def test_eval_with_robustness_writes_table_and_plot(tmp_path, shapes_cache):
+    trained = run("mtmm-train", "tasks=img+txt", *TINY, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                  cache=shapes_cache)
+    assert trained.returncode == 0, trained.stderr
+    evaluated = run("mtmm-eval", f"checkpoint={tmp_path / 'run'}/checkpoints/best.pt", "robustness=true",
+                    "robustness_levels=[0.0,0.5,1.0]", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path,
+                    cache=shapes_cache)
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads((tmp_path / "eval" / "robustness.json").read_text())
+    assert set(result["missing"]) == {"image", "text"}
+    assert result["corruptions"]["word_drop"]["levels"] == [0.0, 0.5, 1.0]
+    assert result["clean"] == json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    from PIL import Image
+    with Image.open(tmp_path / "eval" / "robustness.png") as plot:
+        assert plot.width > 400 and plot.height > 200

@@ -1,0 +1,71 @@
+"""Distributed data parallel through torch.distributed: N processes launched from inside the Hydra job (so Hydra
+makes one run folder), gloo on CPU and NCCL on GPU. Rank 0 alone writes; evaluation gathers every rank's share."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Only the main process writes files and logs records."""
+        return self.rank == 0
+
+
+def current_rank() -> Rank:
+    if not dist.is_available() or not dist.is_initialized():
+        return Rank()
+    return Rank(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def launch(nproc: int, entrypoint, *args):
+    """Run entrypoint(*args) in `nproc` local processes with torchelastic; returns rank 0's result.
+    For several nodes use torchrun, which sets the same environment (see the README)."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"mtmm-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.5)
+    return elastic_launch(config, entrypoint)(*args)[0]
+
+
+def init(device_type: str) -> Rank:
+    """Join the process group that torchelastic/torchrun described in the environment."""
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    rank = current_rank()
+    if device_type == "cuda":
+        torch.cuda.set_device(rank.local_rank)
+    return rank
+
+
+def gather(obj, rank: Rank) -> list:
+    """Every rank's `obj`, on every rank (evaluation results are small: logits of a split)."""
+    if rank.world_size == 1:
+        return [obj]
+    objects = [None] * rank.world_size
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def mean_across_ranks(values: dict[str, float], rank: Rank) -> dict[str, float]:
+    """The mean over ranks of some logged numbers (each rank saw a different share of the batch)."""
+    if rank.world_size == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[key] for key in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return {key: float(value) / rank.world_size for key, value in zip(keys, tensor.tolist())}
+
+
+def barrier(rank: Rank) -> None:
+    if rank.world_size > 1:
+        dist.barrier()

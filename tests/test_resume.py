@@ -1,0 +1,170 @@
+"""Preemption and resumption: SIGKILL at any moment + resume = the uninterrupted run, bitwise; SIGTERM
+checkpoints and stops; saves are atomic; the non-finite guard; distributed training on CPU."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtmm.checkpoint import save_checkpoint
+from mtmm.errors import UserError
+from mtmm.train import train
+
+BIN = Path(sys.executable).parent
+RUN = ["data.source.train=96", "data.source.val=32", "data.source.test=32", "data.batch_size=16", "trainer.epochs=2",
+       "trainer.checkpoint_every=1", "trainer.progress=false", "device=cpu", "encoder.text.hidden_size=32",
+       "encoder.text.intermediate_size=64", "modality_dropout.text=0.3"]  # dropout: the RNG state must be restored too
+
+
+def start(run_dir: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "MTMM_CACHE": str(cache)}
+    return subprocess.Popen([str(BIN / "mtmm-train"), *RUN, f"hydra.run.dir={run_dir}", *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        records = run_dir / "metrics.jsonl"
+        if records.exists() and any(json.loads(line).get("step", 0) and json.loads(line)["step"] >= step
+                                    for line in records.read_text().splitlines() if line.strip().endswith("}")):
+            return
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    return output
+
+
+def final_state(run_dir: Path) -> tuple[dict, dict]:
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    return state["model"], json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every interrupted one must reproduce."""
+    folder = tmp_path_factory.mktemp("reference")
+    cache = tmp_path_factory.mktemp("cache")
+    finish(start(folder / "run", cache))
+    return folder / "run", cache
+
+
+def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
+    model, summary = final_state(run_dir)
+    expected_model, expected_summary = final_state(reference_dir)
+    assert model.keys() == expected_model.keys()
+    for key in model:
+        assert torch.equal(model[key], expected_model[key]), key
+    for part in ("best", "final"):
+        assert summary[part] == expected_summary[part]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (reference_dir / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rs]  # noqa: E731 - timing
+    assert strip(records) == strip(expected)  # appended, with nothing doubled or lost
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after_step", [2, 7])
+def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, reference, kill_after_step):
+    reference_dir, cache = reference
+    run_dir = tmp_path / "run"
+    process = start(run_dir, cache)
+    wait_for_step(run_dir, kill_after_step, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finish(subprocess.Popen([str(BIN / "mtmm-train"), f"resume={run_dir}"], env={**os.environ, "MTMM_CACHE": str(cache)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    assert_same_run(run_dir, reference_dir)
+    assert (run_dir / ".hydra" / "overrides.yaml").is_file()  # the original run's Hydra record is kept
+    assert list((run_dir / ".hydra").glob("resumed-*"))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_stops_and_tells_how_to_resume(tmp_path, reference):
+    reference_dir, cache = reference
+    run_dir = tmp_path / "run"
+    process = start(run_dir, cache)
+    wait_for_step(run_dir, 3, process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert "stopped by SIGTERM" in output and f"mtmm-train resume={run_dir}" in output
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["progress"]["step"] >= 3 and not (run_dir / "summary.json").exists()
+    finish(subprocess.Popen([str(BIN / "mtmm-train"), f"resume={run_dir}"], env={**os.environ, "MTMM_CACHE": str(cache)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    assert_same_run(run_dir, reference_dir)
+
+
+def test_a_failing_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1}, path)
+    before = path.read_bytes()
+
+    def broken_save(obj, file):
+        file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"step": 2}, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def nan_at_step(monkeypatch, bad_step: int):
+    import mtmm.loop
+    real, calls = mtmm.loop.masked_task_loss, {"n": 0}
+
+    def loss(task_type, logits, targets, mask):
+        value = real(task_type, logits, targets, mask)
+        if not logits.requires_grad:  # validation and test scoring
+            return value
+        calls["n"] += 1
+        return value * float("nan") if calls["n"] == 2 * bad_step - 1 else value  # the first task of that step
+
+    monkeypatch.setattr(mtmm.loop, "masked_task_loss", loss)
+
+
+def test_nonfinite_loss_stops_naming_step_and_task_keeping_the_checkpoint(make_cfg, tmp_path, monkeypatch):
+    nan_at_step(monkeypatch, 5)
+    with pytest.raises(UserError, match=r"the loss of task 'img' is nan at step 5 \(epoch 2\)"):
+        train(make_cfg(), run_dir=tmp_path)
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 3  # epoch 1's
+
+
+def test_nonfinite_loss_skipped_and_counted(make_cfg, tmp_path, monkeypatch):
+    nan_at_step(monkeypatch, 5)
+    train(make_cfg("trainer.on_nonfinite=skip"), run_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["skipped_nonfinite_batches"] == 1
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 5  # 6 batches, 1 skipped
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu_match_one_with_the_same_global_batch(make_cfg, tmp_path):
+    # No BatchNorm (text only) and no dropout, so 1 and 2 processes compute the same function of the same samples.
+    common = ["tasks=txt", "encoder/image=none", "encoder.text.dropout=0", "mtl.dropout=0", "data.batch_size=32",
+              "encoder.text.hidden_size=32", "encoder.text.intermediate_size=64"]
+    train(make_cfg(*common), run_dir=tmp_path / "one")
+    train(make_cfg(*common, "device.nproc_per_node=2"), run_dir=tmp_path / "two")
+    read = lambda d: [json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731,E741
+    one, two = read("one"), read("two")
+    assert [r["split"] for r in one] == [r["split"] for r in two]
+    for a, b in zip(one, two):
+        if a["split"] == "train":
+            assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
+        else:
+            assert math.isclose(a["txt"]["loss"], b["txt"]["loss"], rel_tol=1e-4) and a["txt"]["count"] == b["txt"]["count"]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["samples"]["train"] == 96

@@ -110,3 +110,22 @@ def test_eval_with_robustness_writes_table_and_plot(tmp_path, shapes_cache):
     from PIL import Image
     with Image.open(tmp_path / "eval" / "robustness.png") as plot:
         assert plot.width > 400 and plot.height > 200
+
+
+@pytest.mark.slow
+def test_optuna_search_and_joblib_launcher(tmp_path, shapes_cache):
+    """The optional sweep plugins (installed with the dev extra): Optuna maximises what train() returns."""
+    searched = run("mtmm-train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *TINY, cwd=tmp_path,
+                   cache=shapes_cache)
+    assert searched.returncode == 0, searched.stderr
+    (results,) = (tmp_path / "multirun").glob("*/*/optimization_results.yaml")
+    from omegaconf import OmegaConf
+    best = OmegaConf.load(results)
+    values = [json.loads((job / "summary.json").read_text())["monitor_value"] for job in results.parent.glob("[0-9]")]
+    assert best.best_value == max(values) and set(best.best_params) == {"optim.lr", "optim.weight_decay", "fusion"}
+
+    parallel = run("mtmm-train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "fusion=early,late", *TINY,
+                   f"hydra.sweep.dir={tmp_path / 'parallel'}", cwd=tmp_path, cache=shapes_cache)
+    assert parallel.returncode == 0, parallel.stderr
+    assert sorted(job.name for job in (tmp_path / "parallel").glob("[0-9]")) == ["0", "1"]
+    assert all((job / "summary.json").is_file() for job in (tmp_path / "parallel").glob("[0-9]"))

@@ -149,3 +149,13 @@ def test_learns_the_text_task(make_cfg, tmp_path):
                    "trainer.epochs=4", "trainer.log_every=50"), run_dir=tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["best"]["test"]["txt"]["accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("fusion", ["gated", "tensor", "lowrank", "film", "cross_attention"])
+@pytest.mark.parametrize("mtl", ["hard", "mmoe", "cgc"])
+def test_more_fusions_and_sharing_architectures_train(make_cfg, tmp_path, fusion, mtl):
+    value = train(make_cfg(f"fusion={fusion}", f"mtl={mtl}", "tasks=img+txt+match", "trainer.epochs=1"),
+                  run_dir=tmp_path)
+    assert 0.0 <= value <= 1.0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["best"]["test"]) == {"img", "txt", "match", "mean"}

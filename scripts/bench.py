@@ -1,0 +1,213 @@
+"""Benchmarks of mtmm, each a ratio measured side by side in one run (never a bare time):
+
+  (a) samples/s of the mtmm training loop against a minimal hand-written loop, same model and batches (target <= 1.05)
+  (b) epoch time without / with the frozen-encoder feature cache, frozen resnet18 + bert_tiny      (target >= 10)
+  (c) share of step time spent waiting for data in the default config                              (target <= 5%)
+  (d) peak resident memory of a training run at 10x the dataset size over 1x                       (target <= 1.2)
+  (e) time per step of every loss-weighting method relative to static, at 2, 4 and 8 tasks
+
+    python scripts/bench.py [--only a,c] [--quick]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+
+from mtmm.build import build_data, build_loader, build_model, build_optimizer, build_scheduler, build_weighting
+from mtmm.loop import Progress, fit, to_device
+from mtmm.records import MetricsLog
+from mtmm.tasks import masked_task_loss
+
+CACHE = Path(os.environ.get("MTMM_CACHE", Path(tempfile.gettempdir()) / "mtmm-bench"))
+
+
+def config(*overrides):
+    with initialize_config_module("mtmm.conf", version_base="1.3"):
+        return compose("train", overrides=[f"data.source.cache_dir={CACHE}/shapes", "device=cpu",
+                                           "trainer.progress=false", *overrides])
+
+
+def setup(cfg):
+    torch.manual_seed(0)
+    data = build_data(cfg, splits=("train", "val"))
+    loader = build_loader(cfg, data, "train")
+    model = build_model(cfg, data.tasks, data.tokenizer)
+    weighting = build_weighting(cfg)
+    optimizer = build_optimizer(cfg, model, weighting)
+    scheduler = build_scheduler(cfg, optimizer, total_steps=10 * len(loader))
+    return data, loader, model, weighting, optimizer, scheduler
+
+
+def mtmm_epoch(cfg, parts) -> float:
+    """Seconds of one training epoch of mtmm's own loop (fit), validation excluded."""
+    data, loader, model, weighting, optimizer, scheduler = parts
+    val = torch.utils.data.Subset(data.datasets["val"], [0])
+    loaders = {"train": loader, "val": torch.utils.data.DataLoader(val, collate_fn=loader.collate_fn)}
+    cfg.trainer.epochs = 1
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    wanted = {name: list(task.metrics) for name, task in cfg.tasks.items()}
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        fit(model, weighting, optimizer, scheduler, scaler, loaders, data.tasks, wanted, cfg, torch.device("cpu"),
+            MetricsLog(Path(folder) / "metrics.jsonl"), lambda tag, progress: None, Progress())
+        return time.perf_counter() - started
+
+
+def plain_epoch(cfg, parts, wait: list | None = None) -> float:
+    """The same epoch as a minimal hand-written PyTorch loop; `wait` collects the seconds spent waiting for data."""
+    data, loader, model, weighting, optimizer, scheduler = parts
+    types = {task.name: task.type for task in data.tasks}
+    model.train()
+    started = time.perf_counter()
+    batches = iter(loader)
+    while True:
+        asked = time.perf_counter()
+        batch = next(batches, None)
+        if wait is not None:
+            wait.append(time.perf_counter() - asked)
+        if batch is None:
+            break
+        logits = model(to_device(batch, torch.device("cpu")))
+        loss = sum(masked_task_loss(types[t], logits[t], batch["targets"][t], batch["target_mask"][t]) for t in types)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+    return time.perf_counter() - started
+
+
+def bench_overhead(quick: bool) -> dict:
+    cfg = config(f"data.source.train={1000 if quick else 4000}")
+    parts = setup(cfg)
+    plain_epoch(cfg, parts)  # warm-up: allocator, first-call costs
+    mtmm_times, plain_times = [], []
+    for _ in range(2 if quick else 3):  # alternate, so drift in the machine's load hits both alike
+        mtmm_times.append(mtmm_epoch(cfg, parts))
+        plain_times.append(plain_epoch(cfg, parts))
+    ratio = statistics.median(mtmm_times) / statistics.median(plain_times)
+    samples = len(parts[1].dataset)
+    return {"mtmm_samples_per_s": samples / statistics.median(mtmm_times),
+            "plain_samples_per_s": samples / statistics.median(plain_times), "overhead_ratio": ratio}
+
+
+def bench_data_wait(quick: bool) -> dict:
+    cfg = config(f"data.source.train={1000 if quick else 4000}")
+    parts = setup(cfg)
+    plain_epoch(cfg, parts)
+    wait: list[float] = []
+    total = plain_epoch(cfg, parts, wait)
+    return {"epoch_s": total, "data_wait_s": sum(wait), "data_wait_share": sum(wait) / total}
+
+
+def bench_feature_cache(quick: bool) -> dict:
+    frozen = ["encoder/image=resnet18", "encoder.image.freeze=true", "encoder.text.freeze=true",
+              f"data.source.train={500 if quick else 2000}", f"trainer.feature_cache_dir={CACHE}/features"]
+    times = {}
+    for label, cached in (("without_cache_s", "false"), ("with_cache_s", "true")):
+        cfg = config(*frozen, f"trainer.feature_cache={cached}")
+        with tempfile.TemporaryDirectory() as folder:
+            from mtmm.train import train
+            cfg.trainer.epochs = 1
+            train(cfg, run_dir=Path(folder) / "warm")  # computes (or reuses) the cache
+            started = time.perf_counter()
+            cfg.trainer.epochs = 2
+            train(cfg, run_dir=Path(folder) / "run")
+            times[label] = (time.perf_counter() - started) / 2
+    return {**times, "speedup": times["without_cache_s"] / times["with_cache_s"]}
+
+
+def peak_rss_kib(overrides: list[str]) -> int:
+    """Peak resident memory of one `mtmm-train` process (its own, read with wait4)."""
+    command = [str(Path(sys.executable).parent / "mtmm-train"), *overrides]
+    with tempfile.TemporaryDirectory() as folder:
+        process = subprocess.Popen(command + [f"hydra.run.dir={folder}"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, env={**os.environ, "MTMM_CACHE": str(CACHE)})
+        _, status, usage = os.wait4(process.pid, 0)
+        if status != 0:
+            raise RuntimeError(f"{' '.join(command)} failed")
+        return usage.ru_maxrss
+
+
+def bench_memory(quick: bool) -> dict:
+    base = 400 if quick else 1000
+    common = ["trainer.epochs=1", "device=cpu", "trainer.progress=false", f"data.source.cache_dir={CACHE}/shapes"]
+    small = peak_rss_kib([*common, f"data.source.train={base}"])
+    large = peak_rss_kib([*common, f"data.source.train={10 * base}"])
+    return {"train_samples": [base, 10 * base], "peak_rss_mib": [small / 1024, large / 1024], "ratio": large / small}
+
+
+def bench_weighting(quick: bool) -> dict:
+    methods = ["static", "uncertainty", "dwa", "rlw", "famo", "gradnorm", "pcgrad", "cagrad", "mgda", "imtl",
+               "aligned_mtl", "nash_mtl"]
+    steps = 5 if quick else 15
+    result = {}
+    for count in (2, 4, 8):
+        # `count` tasks cycling over the shapes targets (several heads on one target are still separate tasks).
+        kinds = [("img", "multiclass", "shape", "[accuracy]"), ("txt", "multiclass", "sentiment", "[accuracy]"),
+                 ("match", "binary", "match", "[accuracy]")]
+        tasks = []
+        for k in range(count):
+            name, kind, target, metrics = kinds[k % 3]
+            classes = {"img": "[circle, square, triangle, star, cross, diamond]",
+                       "txt": "[negative, neutral, positive]", "match": "[different, same]"}[name]
+            tasks.append(f"+tasks.{name}{k}={{type: {kind}, target: {target}, classes: {classes}, weight: 1.0, "
+                         f"head_hidden: [64], metrics: {metrics}}}")
+        per_step = {}
+        for method in methods:
+            cfg = config("tasks=none", *tasks, f"loss={method}", "data.source.train=400",
+                         "trainer.monitor=val/mean/accuracy")
+            parts = setup(cfg)
+            data, loader, model, weighting, optimizer, _ = parts
+            batches = [batch for _, batch in zip(range(steps + 2), loader)]
+            types = {task.name: task.type for task in data.tasks}
+            model.train()
+            times = []
+            for batch in batches:
+                started = time.perf_counter()
+                logits = model(batch)
+                losses = {t: masked_task_loss(types[t], logits[t], batch["targets"][t], batch["target_mask"][t])
+                          for t in types}
+                total = weighting(losses, shared=model.last_shared_parameters())
+                optimizer.zero_grad(set_to_none=True)
+                if getattr(weighting, "combines_gradients", False):
+                    weighting.backward(losses, model)
+                else:
+                    total.backward()
+                optimizer.step()
+                times.append(time.perf_counter() - started)
+            per_step[method] = statistics.median(times[2:])  # after two warm-up steps
+        result[f"{count}_tasks"] = {method: t / per_step["static"] for method, t in per_step.items()}
+    return result
+
+
+BENCHES = {"a": ("loop overhead", bench_overhead), "b": ("feature cache", bench_feature_cache),
+           "c": ("data wait", bench_data_wait), "d": ("memory", bench_memory), "e": ("weighting", bench_weighting)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not the quoted figures)")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    results = {}
+    for key in args.only.split(","):
+        name, bench = BENCHES[key]
+        results[key] = bench(args.quick)
+        print(f"({key}) {name}: {json.dumps(results[key], indent=None, default=float)}", flush=True)
+    print(json.dumps(results, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

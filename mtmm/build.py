@@ -16,6 +16,7 @@ from mtmm.data.readers import LINE
 from mtmm.data.sampler import EpochShuffle
 from mtmm.data.tokenizer import tokenizer_from_files, tokenizer_to_files
 from mtmm.errors import UserError
+from mtmm.feature_cache import SkipModalities
 from mtmm.models.image import weights_preset
 from mtmm.models.mlp import mlp
 from mtmm.models.model import MultiTaskModel
@@ -176,13 +177,14 @@ def image_transform(cfg: DictConfig) -> ImageTransform:
 
 
 def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device: torch.device | None = None,
-                 rank: int = 0, world_size: int = 1) -> DataLoader:
+                 rank: int = 0, world_size: int = 1, cached: dict | None = None) -> DataLoader:
     """Training draws its order from EpochShuffle (seeded by epoch: part of the run's determinism and of exact
-    resumption); evaluation keeps the file order. With world_size > 1 each rank gets its share of the batch."""
+    resumption); evaluation keeps the file order. With world_size > 1 each rank gets its share of the batch.
+    `cached` (modality -> this split's cached encoder outputs, see feature_cache.py): those inputs are not loaded."""
     training = split == "train"
     pad_id = data.tokenizer.pad_token_id if data.tokenizer is not None else 0
     workers = cfg.data.num_workers
-    dataset = data.datasets[split]
+    dataset = SkipModalities(data.datasets[split], cached) if cached else data.datasets[split]
     if training:
         sampler = EpochShuffle(len(dataset), seed, rank, world_size)
     elif world_size > 1:
@@ -202,7 +204,7 @@ def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device:
         num_workers=workers,
         persistent_workers=bool(cfg.data.get("persistent_workers", False)) and workers > 0,
         pin_memory=bool(cfg.data.get("pin_memory", True)) and device is not None and device.type == "cuda",
-        collate_fn=partial(collate, pad_id=pad_id),
+        collate_fn=partial(collate, pad_id=pad_id, cached=cached),
         drop_last=False,
     )
 

@@ -17,13 +17,17 @@ VERSION = 1
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`: a crash mid-save leaves the
-    previous checkpoint intact, never a half-written one."""
+    save_atomically({"format": FORMAT, "version": VERSION, **state}, path)
+
+
+def save_atomically(obj, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`: a crash mid-save leaves the
+    previous file intact, never a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, file)
+            torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)

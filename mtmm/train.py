@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -20,6 +21,7 @@ from mtmm.build import (build_data, build_loader, build_model, build_optimizer, 
 from mtmm.checkpoint import load_checkpoint, save_checkpoint
 from mtmm.device import resolve_device
 from mtmm.errors import UserError, exit_with
+from mtmm.feature_cache import feature_caches
 from mtmm.loop import Progress, Stop, evaluate, fit
 from mtmm.records import MetricsLog, truncate_jsonl, write_json
 
@@ -41,6 +43,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float:
         raise UserError(f"{run_dir} already holds a run (checkpoints/ is not empty); mtmm never overwrites one. "
                         f"Continue it with resume={run_dir}, or pick another folder with hydra.run.dir=...")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun (e.g. on several nodes): this process is one rank
+        return distributed_worker(OmegaConf.to_yaml(cfg), str(run_dir), resume is not None)
     nproc = cfg.device.get("nproc_per_node", 1)
     if nproc > 1:
         instantiate(cfg.data.source)  # generate embedded data once, before the processes race for it
@@ -80,10 +84,15 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
              f", {rank.world_size} processes" if rank.world_size > 1 else "")
 
     data = build_data(cfg, saved=resume["data"] if resume else None)
-    loaders = {split: build_loader(cfg, data, split, seed=cfg.seed, device=device, rank=rank.rank,
-                                   world_size=rank.world_size) for split in data.datasets}
     model = build_model(cfg, data.tasks, data.tokenizer, restoring=resume is not None,
                         saved_text_config=resume.get("text_config") if resume else None).to(device)
+    cached = {}
+    if cfg.trainer.get("feature_cache"):
+        if resume is not None:  # the frozen encoders' restored weights key the cache, not their fresh ones
+            model.load_state_dict(resume["model"])
+        cached = feature_caches(cfg, model, data, device, rank)
+    loaders = {split: build_loader(cfg, data, split, seed=cfg.seed, device=device, rank=rank.rank,
+                                   world_size=rank.world_size, cached=cached.get(split)) for split in data.datasets}
     weighting = build_weighting(cfg).to(device)
     check_weighting(cfg, weighting, rank)
     optimizer = build_optimizer(cfg, model, weighting)

@@ -1,7 +1,14 @@
 """Shared fixtures: configs composed exactly as mtmm-train composes them, on a tiny shapes dataset."""
 
+import os
+import tempfile
+
 import pytest
 from hydra import compose, initialize_config_module
+
+# Everything a test run generates or caches (datasets, frozen-encoder features) goes to a throw-away folder, never
+# into the user's ~/.cache/mtmm; subprocesses inherit it.
+os.environ["MTMM_CACHE"] = tempfile.mkdtemp(prefix="mtmm-tests-")
 
 TINY = ["data.source.train=96", "data.source.val=32", "data.source.test=32", "data.batch_size=32",
         "data.eval_batch_size=64", "trainer.epochs=2", "trainer.log_every=1", "trainer.progress=false",

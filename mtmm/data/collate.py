@@ -1,4 +1,5 @@
-"""Samples -> one batch dict, the contract of DESIGN.md: image, text, present, targets, target_mask, index."""
+"""Samples -> one batch dict, the contract of DESIGN.md: image, text, present, targets, target_mask, index (and,
+with the feature cache, `features`: the precomputed encoder outputs of the batch's samples)."""
 
 import torch
 
@@ -15,8 +16,20 @@ def pad_token_ids(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def collate(samples: list[dict], pad_id: int = 0) -> dict:
+def cached_rows(cached: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch's rows of one modality's cached encoder outputs, cut to the batch's longest real sequence (real
+    tokens come first), as pad_token_ids pads a batch's texts rather than the whole split's."""
+    mask = cached["mask"][index]
+    length = max(1, int(mask.sum(1).max()))
+    return {"pooled": cached["pooled"][index], "tokens": cached["tokens"][index, :length], "mask": mask[:, :length]}
+
+
+def collate(samples: list[dict], pad_id: int = 0, cached: dict[str, dict[str, torch.Tensor]] | None = None) -> dict:
+    """`cached`: modality -> the split's cached encoder outputs (feature cache); the samples of such a modality
+    carry no input, and the batch gets their rows under `features` instead."""
     batch = {"index": torch.tensor([sample["index"] for sample in samples])}
+    if cached:
+        batch["features"] = {modality: cached_rows(tensors, batch["index"]) for modality, tensors in cached.items()}
     if "image" in samples[0]:
         batch["image"] = torch.stack([sample["image"] for sample in samples])
     if "input_ids" in samples[0]:

@@ -23,8 +23,15 @@ class MultiTaskModel(nn.Module):
 
     def encode(self, batch: dict) -> dict[str, Features]:
         features = {}
+        cached = batch.get("features", {})
         for modality, encoder in self.encoders.items():
-            encoded = encoder(batch[modality])
+            if modality in cached:
+                # A frozen encoder's outputs, from the feature cache. Its final norm stays trainable, so the cache
+                # holds the pooled features before it and the norm is applied here, as the encoder itself would.
+                rows = cached[modality]
+                encoded = Features(pooled=encoder.norm(rows["pooled"]), tokens=rows["tokens"], mask=rows["mask"])
+            else:
+                encoded = encoder(batch[modality])
             present = batch["present"][modality]
             if self.training and modality in self.modality_dropout:
                 present = present & (torch.rand(present.shape, device=present.device) >= self.modality_dropout[modality])

@@ -1,0 +1,185 @@
+"""The frozen-encoder feature cache: a frozen encoder's outputs on a split never change, so they are computed
+once, kept on disk and memory-mapped, and training reads rows of them instead of decoding images and running
+the encoder every epoch.
+
+One file per (split, modality), named by a key over everything the outputs depend on: the encoder's config and
+weights, the transform and the split's samples. Any change gives another key, so another file; an existing
+file is never rewritten. Our image transforms (resize, centre crop) and tokenisation are deterministic, which is
+what makes every frozen encoder cacheable; modality dropout and missing modalities are handled by the model
+after the encoder, so they work on cached features as on live ones.
+"""
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mtmm import distributed
+from mtmm.checkpoint import save_atomically
+from mtmm.data.collate import collate
+from mtmm.data.dataset import ManifestDataset
+from mtmm.loop import to_device
+from mtmm.models.features import Features
+
+log = logging.getLogger("mtmm")
+
+VERSION = 1  # bump when what is stored, or how, changes: old files are then simply not found again
+
+Cached = dict[str, torch.Tensor]  # pooled [N, D] (before the encoder's norm), tokens [N, T, D], mask [N, T]
+
+
+def feature_caches(cfg: DictConfig, model: nn.Module, data, device: torch.device,
+                   rank: distributed.Rank = distributed.Rank()) -> dict[str, dict[str, Cached]]:
+    """split -> modality -> the memory-mapped outputs of each frozen encoder on that split, computed now or found
+    from an earlier run. Empty when no encoder is frozen."""
+    paths = cache_paths(cfg, model, data)
+    caches = {}
+    for split, files in paths.items():
+        missing = [modality for modality, path in files.items() if not path.is_file()]
+        if missing and rank.main:  # only the main process writes; the others wait at the barrier and read
+            started = time.perf_counter()
+            computed = compute_features({m: model.encoders[m] for m in missing}, data.datasets[split],
+                                        pad_id(data), cfg.data.eval_batch_size, cfg.data.num_workers, device)
+            for modality, tensors in computed.items():
+                save_atomically(tensors, files[modality])
+            log.info("feature cache: computed %s of %s (%d samples) in %.1f s, in %s", "+".join(missing), split,
+                     len(data.datasets[split]), time.perf_counter() - started, files[missing[0]].parent)
+        distributed.barrier(rank)
+        reused = [modality for modality in files if modality not in missing]
+        if reused:
+            log.info("feature cache: reused %s of %s from %s", "+".join(reused), split, files[reused[0]].parent)
+        # mmap: the OS pages rows in as batches ask for them, so memory does not grow with the dataset.
+        caches[split] = {m: torch.load(path, mmap=True, weights_only=True) for m, path in files.items()}
+    return caches
+
+
+def cache_paths(cfg: DictConfig, model: nn.Module, data) -> dict[str, dict[str, Path]]:
+    """split -> modality -> the cache file of each frozen encoder (present or not)."""
+    frozen = {modality: encoder for modality, encoder in model.encoders.items() if encoder.frozen}
+    if not frozen:
+        return {}
+    folder = Path(cfg.trainer.feature_cache_dir).expanduser()
+    encoders = {m: OmegaConf.to_yaml(cfg.encoder[m], resolve=True) + weights_digest(e) for m, e in frozen.items()}
+    paths = {}
+    for split, dataset in data.datasets.items():
+        paths[split] = {}
+        for modality in frozen:
+            key = hashlib.sha256(f"mtmm-features {VERSION} {modality}\n{encoders[modality]}\n"
+                                 f"{samples_digest(dataset, modality, pad_id(data))}".encode()).hexdigest()
+            paths[split][modality] = folder / f"{split}-{modality}-{key}.pt"
+    return paths
+
+
+def weights_digest(encoder: nn.Module) -> str:
+    """sha256 of the encoder's weights and buffers, all but its final norm (applied live, after the cache)."""
+    digest = hashlib.sha256()
+    for name, tensor in encoder.state_dict().items():
+        if name.startswith("norm."):
+            continue
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def samples_digest(dataset: ManifestDataset, modality: str, pad: int) -> str:
+    """sha256 of the encoder's inputs on this split, in order: image files (path, size, mtime) and the transform,
+    or the token ids themselves (which cover the texts, the tokenizer and max_length)."""
+    if modality == "image":
+        files = [None if path is None else [str(path), *file_stamp(path)] for path in dataset.image_paths]
+        inputs = {"transform": repr(dataset.transform), "images": files}
+    else:
+        inputs = {"pad_id": pad, "input_ids": dataset.input_ids, "has_text": dataset.has_text}
+    return hashlib.sha256(json.dumps({"ids": dataset.ids, **inputs}).encode()).hexdigest()
+
+
+def file_stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def pad_id(data) -> int:
+    return data.tokenizer.pad_token_id if data.tokenizer is not None else 0
+
+
+class SkipModalities(Dataset):
+    """A split whose items leave out the inputs of some modalities (no image decoded, no token ids): the index and
+    the presence flags are all a cached modality needs."""
+
+    def __init__(self, dataset: ManifestDataset, modalities):
+        self.dataset = dataset
+        self.light = copy.copy(dataset)  # shares the samples; ManifestDataset loads no image without a transform
+        if "image" in modalities:
+            self.light.transform = None
+        if "text" in modalities:
+            self.light.input_ids = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.light[index]
+        present = {}
+        if self.dataset.transform is not None:
+            present["image"] = self.dataset.image_paths[index] is not None
+        if self.dataset.input_ids is not None:
+            present["text"] = self.dataset.has_text[index]
+        sample["present"] = present
+        return sample
+
+
+@torch.no_grad()
+def compute_features(encoders: dict[str, nn.Module], dataset: ManifestDataset, pad: int, batch_size: int,
+                     num_workers: int, device: torch.device) -> dict[str, Cached]:
+    """Run `encoders` over the split in file order, batched through the training data path (same transform, same
+    tokens), in eval mode and float32; tokens are padded to the split's longest sequence."""
+    others = {"image", "text"} - set(encoders)  # inputs not needed now: not decoded
+    # Its own generator: a loader without one draws its seed from the global RNG, which would shift dropout.
+    loader = DataLoader(SkipModalities(dataset, others), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=partial(collate, pad_id=pad), generator=torch.Generator())
+    modes = {modality: encoder.training for modality, encoder in encoders.items()}
+    parts = {modality: [] for modality in encoders}
+    try:
+        for encoder in encoders.values():
+            encoder.eval()
+        for batch in loader:
+            batch = to_device(batch, device)
+            for modality, encoder in encoders.items():
+                features = encode_before_norm(encoder, batch[modality])
+                parts[modality].append([features.pooled.cpu(), features.tokens.cpu(), features.mask.cpu()])
+    finally:
+        for modality, encoder in encoders.items():
+            encoder.train(modes[modality])
+    return {modality: stack(batches) for modality, batches in parts.items()}
+
+
+def encode_before_norm(encoder: nn.Module, inputs) -> Features:
+    """The encoder's Features with `pooled` taken before its final LayerNorm (every encoder ends in `self.norm`):
+    that norm stays trainable when the encoder is frozen, so the model applies it live to the cached values."""
+    captured = []
+    hook = encoder.norm.register_forward_hook(lambda module, args, output: captured.append(args[0]))
+    try:
+        features = encoder(inputs)
+    finally:
+        hook.remove()
+    return Features(pooled=captured[-1], tokens=features.tokens, mask=features.mask)
+
+
+def stack(batches: list[list[torch.Tensor]]) -> Cached:
+    """Per-batch outputs -> one tensor each, tokens and mask padded to the longest sequence of the split."""
+    size, length = sum(len(pooled) for pooled, _, _ in batches), max(tokens.shape[1] for _, tokens, _ in batches)
+    tokens = torch.zeros(size, length, batches[0][1].shape[2], dtype=batches[0][1].dtype)
+    mask = torch.zeros(size, length, dtype=torch.bool)
+    row = 0
+    for _, batch_tokens, batch_mask in batches:
+        rows, width = batch_tokens.shape[:2]
+        tokens[row:row + rows, :width], mask[row:row + rows, :width] = batch_tokens, batch_mask
+        row += rows
+    return {"pooled": torch.cat([pooled for pooled, _, _ in batches]), "tokens": tokens, "mask": mask}

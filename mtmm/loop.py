@@ -129,7 +129,7 @@ def fit(model, weighting, optimizer, scheduler, scaler, loaders: dict, tasks: li
     finishes, "last" is written and Stop is raised. Under distributed training `forward` is the DDP-wrapped model
     and `model` the module inside it; only rank 0 writes (save and metrics_log are no-ops elsewhere).
     """
-    forward = forward or model
+    forward = model if forward is None else forward
     precision = cfg.device.precision
     types = {task.name: task.type for task in tasks}
     train_loader = loaders["train"]

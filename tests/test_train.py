@@ -159,3 +159,18 @@ def test_more_fusions_and_sharing_architectures_train(make_cfg, tmp_path, fusion
     assert 0.0 <= value <= 1.0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["best"]["test"]) == {"img", "txt", "match", "mean"}
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_saves_plain_checkpoints(make_cfg, tmp_path):
+    """trainer.compile=true: torch.compile'd forward; checkpoints keep the plain module's keys, so eval loads them."""
+    train(make_cfg("trainer.epochs=1"), run_dir=tmp_path / "plain")
+    train(make_cfg("trainer.epochs=1", "trainer.compile=true"), run_dir=tmp_path / "compiled")
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / "best.pt")["model"]
+    compiled = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "best.pt")["model"]
+    assert plain.keys() == compiled.keys()
+    summary = json.loads((tmp_path / "compiled" / "summary.json").read_text())
+    metrics = evaluate_checkpoint(tmp_path / "compiled" / "checkpoints" / "best.pt", run_dir=tmp_path / "eval",
+                                  device="cpu")
+    assert metrics["img"]["accuracy"] == pytest.approx(summary["best"]["test"]["img"]["accuracy"], abs=1 / 32)
+    assert math.isfinite(summary["best"]["test"]["mean"]["loss"])

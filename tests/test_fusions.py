@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from mtmm.models.features import Features
 from mtmm.models.fusion import CrossAttentionFusion, FiLMFusion, GatedFusion, LowRankFusion, TensorFusion
 from mtmm.models.sharing import CGC, MMoE, HardSharing
+from test_models import features  # the same random Features as the existing fusion tests
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DIMS = {"image": 16, "text": 8}
@@ -30,16 +31,6 @@ EXPECTED_DIM = {  # modalities -> fusion.dim
     "cross_attention": lambda ms: 8 * len(ms),
 }
 SUBSETS = [("image", "text"), ("image",), ("text",)]
-
-
-def features(batch=3, seed=0, text_lengths=(5, 2, 3)) -> dict[str, Features]:
-    generator = torch.Generator().manual_seed(seed)
-    mask = torch.arange(6)[None] < torch.tensor(text_lengths)[:, None]
-    return {
-        "image": Features(torch.randn(batch, 16, generator=generator), torch.randn(batch, 4, 16, generator=generator),
-                          torch.ones(batch, 4, dtype=torch.bool)),
-        "text": Features(torch.randn(batch, 8, generator=generator), torch.randn(batch, 6, 8, generator=generator), mask),
-    }
 
 
 def subset(modalities) -> tuple[dict[str, int], dict[str, Features]]:

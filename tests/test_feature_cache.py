@@ -112,9 +112,8 @@ def test_best_checkpoint_of_a_cached_run_evaluates_without_the_cache(frozen_cfg,
     assert flat(metrics) == pytest.approx(flat(recorded), abs=1e-5)
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the mappings from /proc (Linux)")
 def test_loaded_cache_is_memory_mapped_from_its_files(frozen_cfg):
-    if not Path("/proc/self/maps").is_file():
-        pytest.skip("needs /proc/self/maps (Linux)")
     cfg = frozen_cfg()
     data = build_data(cfg)
     model = build_model(cfg, data.tasks, data.tokenizer)

@@ -11,7 +11,7 @@ from PIL import Image
 from mtmm.build import build_data
 from mtmm.data.collate import collate
 from mtmm.data.tokenizer import tokenizer_to_files
-from mtmm.data.dataset import ImageTransform, ManifestDataset, TaskSpec, label_index
+from mtmm.data.dataset import ImageTransform, ManifestDataset, TaskSpec, parse_target
 from mtmm.data.readers import read_manifest as read_jsonl
 from mtmm.errors import UserError
 
@@ -74,8 +74,8 @@ def test_read_jsonl_invalid_utf8_is_user_error(tmp_path):
 @pytest.mark.parametrize("value, expected", [
     ("circle", 0), ("star", 2), (1, 1), (0, 0), (True, 1), (False, 0), (None, None), ("", None),
 ])
-def test_label_index_accepts(value, expected):
-    assert label_index(SHAPE, value, "here") == expected
+def test_class_labels_accepted(value, expected):
+    assert parse_target(SHAPE, value, "here") == expected
 
 
 @pytest.mark.parametrize("value, fragment", [

@@ -96,11 +96,6 @@ def class_index(task: TaskSpec, value, where: str) -> int:
                     f"(or an index 0..{len(task.classes) - 1})")
 
 
-def label_index(task: TaskSpec, value, where: str) -> int | None:
-    """A class name or integer -> class index; None (or "") means the sample has no label for this task."""
-    return None if value is None or value == "" else class_index(task, value, where)
-
-
 class ManifestDataset(Dataset):
     """Samples of one split. Texts are tokenised once here, not per step.
 

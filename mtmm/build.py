@@ -15,6 +15,7 @@ from mtmm.data.dataset import ImageTransform, ManifestDataset, TaskSpec, parse_t
 from mtmm.data.readers import LINE
 from mtmm.data.sampler import EpochShuffle
 from mtmm.data.tokenizer import tokenizer_from_files, tokenizer_to_files
+from mtmm.data.workers import loader_workers, worker_options
 from mtmm.errors import UserError
 from mtmm.feature_cache import SkipModalities
 from mtmm.models.image import weights_preset
@@ -183,8 +184,9 @@ def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device:
     `cached` (modality -> this split's cached encoder outputs, see feature_cache.py): those inputs are not loaded."""
     training = split == "train"
     pad_id = data.tokenizer.pad_token_id if data.tokenizer is not None else 0
-    workers = cfg.data.num_workers
     dataset = SkipModalities(data.datasets[split], cached) if cached else data.datasets[split]
+    decodes_images = data.datasets[split].transform is not None and "image" not in (cached or {})
+    workers = loader_workers(cfg.data.num_workers, decodes_images)
     if training:
         sampler = EpochShuffle(len(dataset), seed, rank, world_size)
     elif world_size > 1:
@@ -201,8 +203,8 @@ def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device:
         # Its own generator: creating an iterator draws a seed from it, and drawing from the global RNG instead
         # would shift dropout's random numbers after a resume.
         generator=torch.Generator().manual_seed(seed),
-        num_workers=workers,
         persistent_workers=bool(cfg.data.get("persistent_workers", False)) and workers > 0,
+        **worker_options(workers),
         pin_memory=bool(cfg.data.get("pin_memory", True)) and device is not None and device.type == "cuda",
         collate_fn=partial(collate, pad_id=pad_id, cached=cached),
         drop_last=False,

@@ -26,6 +26,7 @@ from mtmm import distributed
 from mtmm.checkpoint import save_atomically
 from mtmm.data.collate import collate
 from mtmm.data.dataset import ManifestDataset
+from mtmm.data.workers import loader_workers, worker_options
 from mtmm.loop import to_device
 from mtmm.models.features import Features
 
@@ -47,7 +48,8 @@ def feature_caches(cfg: DictConfig, model: nn.Module, data, device: torch.device
         if missing and rank.main:  # only the main process writes; the others wait at the barrier and read
             started = time.perf_counter()
             computed = compute_features({m: model.encoders[m] for m in missing}, data.datasets[split],
-                                        pad_id(data), cfg.data.eval_batch_size, cfg.data.num_workers, device)
+                                        pad_id(data), cfg.data.eval_batch_size,
+                                        loader_workers(cfg.data.num_workers, "image" in missing), device)
             for modality, tensors in computed.items():
                 save_atomically(tensors, files[modality])
             log.info("feature cache: computed %s of %s (%d samples) in %.1f s, in %s", "+".join(missing), split,
@@ -142,8 +144,8 @@ def compute_features(encoders: dict[str, nn.Module], dataset: ManifestDataset, p
     tokens), in eval mode and float32; tokens are padded to the split's longest sequence."""
     others = {"image", "text"} - set(encoders)  # inputs not needed now: not decoded
     # Its own generator: a loader without one draws its seed from the global RNG, which would shift dropout.
-    loader = DataLoader(SkipModalities(dataset, others), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=partial(collate, pad_id=pad), generator=torch.Generator())
+    loader = DataLoader(SkipModalities(dataset, others), batch_size=batch_size, collate_fn=partial(collate, pad_id=pad),
+                        generator=torch.Generator(), **worker_options(num_workers))
     modes = {modality: encoder.training for modality, encoder in encoders.items()}
     parts = {modality: [] for modality in encoders}
     try:

@@ -4,7 +4,7 @@
   (b) epoch time without / with the frozen-encoder feature cache, frozen resnet18 + bert_tiny      (target >= 10)
   (c) share of step time spent waiting for data in the default config                              (target <= 5%)
   (d) peak resident memory of a training run at 10x the dataset size over 1x                       (target <= 1.2)
-  (e) time per step of every loss-weighting method relative to static, at 2, 4 and 8 tasks
+  (e) time per step of every loss-weighting method relative to static, at 2, 3, 4 and 8 tasks
 
     python scripts/bench.py [--only a,c] [--quick]
 """
@@ -101,16 +101,23 @@ def bench_overhead(quick: bool) -> dict:
 
 
 def bench_data_wait(quick: bool) -> dict:
-    """Default config (data loaded in the training process), and with one loader worker for comparison."""
+    """The default config (data.num_workers=auto) against loading in the training process (num_workers=0), the two
+    epochs alternated so that drift in the machine's load hits both alike."""
+    size = f"data.source.train={1000 if quick else 4000}"
+    runs = {"default": config(size), "num_workers=0": config(size, "data.num_workers=0")}
+    parts = {name: setup(cfg) for name, cfg in runs.items()}
+    epochs = {name: [] for name in runs}
+    for name, cfg in runs.items():
+        plain_epoch(cfg, parts[name])  # warm-up; starts the (persistent) workers
+    for _ in range(1 if quick else 3):
+        for name, cfg in runs.items():
+            wait: list[float] = []
+            epochs[name].append((plain_epoch(cfg, parts[name], wait), sum(wait)))
     result = {}
-    for workers in (0, 1):
-        cfg = config(f"data.source.train={1000 if quick else 4000}", f"data.num_workers={workers}",
-                     f"data.persistent_workers={str(workers > 0).lower()}")
-        parts = setup(cfg)
-        plain_epoch(cfg, parts)
-        wait: list[float] = []
-        total = plain_epoch(cfg, parts, wait)
-        result[f"num_workers={workers}"] = {"epoch_s": total, "data_wait_share": sum(wait) / total}
+    for name, times in epochs.items():
+        result[name] = {"num_workers": parts[name][1].num_workers,
+                        "epoch_s": statistics.median(total for total, _ in times),
+                        "data_wait_share": statistics.median(waited / total for total, waited in times)}
     return result
 
 
@@ -147,7 +154,10 @@ def peak_rss_kib(overrides: list[str]) -> int:
 
 def bench_memory(quick: bool) -> dict:
     base = 400 if quick else 1000
-    common = ["trainer.epochs=1", "device=cpu", "trainer.progress=false", f"data.source.cache_dir={CACHE}/shapes"]
+    # Loading in the training process, so that one process holds everything a run keeps (a loader worker is a
+    # fork of it, holding the same dataset, and wait4 would not count it).
+    common = ["trainer.epochs=1", "device=cpu", "trainer.progress=false", f"data.source.cache_dir={CACHE}/shapes",
+              "data.num_workers=0"]
     small = peak_rss_kib([*common, f"data.source.train={base}"])
     large = peak_rss_kib([*common, f"data.source.train={10 * base}"])
     return {"train_samples": [base, 10 * base], "peak_rss_mib": [small / 1024, large / 1024], "ratio": large / small}
@@ -158,7 +168,7 @@ def bench_weighting(quick: bool) -> dict:
                "aligned_mtl", "nash_mtl"]
     steps = 5 if quick else 15
     result = {}
-    for count in (2, 4, 8):
+    for count in (2, 3, 4, 8):  # 3 = img+txt+match, the README sweep's tasks
         # `count` tasks cycling over the shapes targets (several heads on one target are still separate tasks).
         kinds = [("img", "multiclass", "shape", "[accuracy]"), ("txt", "multiclass", "sentiment", "[accuracy]"),
                  ("match", "binary", "match", "[accuracy]")]

@@ -12,7 +12,9 @@ os.environ["MTMM_CACHE"] = tempfile.mkdtemp(prefix="mtmm-tests-")
 
 TINY = ["data.source.train=96", "data.source.val=32", "data.source.test=32", "data.batch_size=32",
         "data.eval_batch_size=64", "trainer.epochs=2", "trainer.log_every=1", "trainer.progress=false",
-        "device=cpu"]
+        "device=cpu", "data.num_workers=0"]
+# In-process runs load in the test process (forked workers would only add start-up time to every run); the
+# subprocess tests of the installed commands run the default, `auto` (a worker where images are decoded).
 
 
 @pytest.fixture(scope="session")

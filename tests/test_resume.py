@@ -25,8 +25,9 @@ RUN = ["data.source.train=96", "data.source.val=32", "data.source.test=32", "dat
 
 def start(run_dir: Path, cache: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "MTMM_CACHE": str(cache)}
+    # Its own process group, as a scheduler's job has: a signal to the group reaches the loader workers too.
     return subprocess.Popen([str(BIN / "mtmm-train"), *RUN, f"hydra.run.dir={run_dir}", *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -97,7 +98,7 @@ def test_sigterm_checkpoints_stops_and_tells_how_to_resume(tmp_path, reference):
     run_dir = tmp_path / "run"
     process = start(run_dir, cache)
     wait_for_step(run_dir, 3, process)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)  # as a scheduler preempts: every process, loader workers included
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 2
     assert "stopped by SIGTERM" in output and f"mtmm-train resume={run_dir}" in output

@@ -25,7 +25,7 @@ RUN = ["data.source.train=96", "data.source.val=32", "data.source.test=32", "dat
 
 def start(run_dir: Path, cache: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "MTMM_CACHE": str(cache)}
-    # Its own process group, as a scheduler's job has: a signal to the group reaches the loader workers too.
+    # Its own process group, as a terminal's foreground job has: a signal to the group reaches loader workers too.
     return subprocess.Popen([str(BIN / "mtmm-train"), *RUN, f"hydra.run.dir={run_dir}", *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -93,15 +93,17 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, reference, k
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_stops_and_tells_how_to_resume(tmp_path, reference):
+@pytest.mark.parametrize("sig, extra", [(signal.SIGTERM, []), (signal.SIGINT, ["data.num_workers=1"])],
+                         ids=["sigterm", "ctrl-c-with-a-loader-worker"])
+def test_a_stop_signal_checkpoints_stops_and_tells_how_to_resume(tmp_path, reference, sig, extra):
     reference_dir, cache = reference
     run_dir = tmp_path / "run"
-    process = start(run_dir, cache)
+    process = start(run_dir, cache, *extra)
     wait_for_step(run_dir, 3, process)
-    os.killpg(process.pid, signal.SIGTERM)  # as a scheduler preempts: every process, loader workers included
+    os.killpg(process.pid, sig)  # to every process of the run, as a terminal's Ctrl-C or a scheduler sends it
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 2
-    assert "stopped by SIGTERM" in output and f"mtmm-train resume={run_dir}" in output
+    assert process.returncode == 2, output
+    assert f"stopped by {sig.name}" in output and f"mtmm-train resume={run_dir}" in output
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["progress"]["step"] >= 3 and not (run_dir / "summary.json").exists()
     finish(subprocess.Popen([str(BIN / "mtmm-train"), f"resume={run_dir}"], env={**os.environ, "MTMM_CACHE": str(cache)},

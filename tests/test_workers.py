@@ -1,13 +1,14 @@
-"""data.num_workers: `auto` resolves from the cores and from whether images are decoded per step; bad values are
-refused by name; workers leave stop signals to the training process."""
+"""data.num_workers: `auto` resolves from the device, the cores and whether images are decoded per step; bad values
+are refused by name; workers start the platform's way."""
 
 import os
-import signal
 
 import pytest
 
 from mtmm.build import build_data, build_loader
-from mtmm.data.workers import MAX_AUTO_WORKERS, ignore_stop_signals, loader_workers, worker_options
+import torch
+
+from mtmm.data.workers import MAX_AUTO_WORKERS, loader_workers, worker_options
 from mtmm.errors import UserError
 
 
@@ -20,44 +21,47 @@ def cores(monkeypatch):
 
 
 @pytest.mark.parametrize("n, expected", [(1, 1), (2, 1), (4, 2), (16, 8), (64, MAX_AUTO_WORKERS)])
-def test_auto_gives_one_worker_per_two_cores_when_images_are_decoded(cores, n, expected):
+def test_auto_on_an_accelerator_gives_one_worker_per_two_cores_when_images_are_decoded(cores, n, expected):
     cores(n)
-    assert loader_workers("auto", decodes_images=True) == expected
+    assert loader_workers("auto", decodes_images=True, accelerator=True) == expected
 
 
-def test_auto_gives_no_worker_when_nothing_is_decoded(cores):
+def test_auto_gives_no_worker_on_cpu_or_when_nothing_is_decoded(cores):
     cores(16)
-    assert loader_workers("auto", decodes_images=False) == 0
+    assert loader_workers("auto", decodes_images=True, accelerator=False) == 0
+    assert loader_workers("auto", decodes_images=False, accelerator=True) == 0
 
 
 def test_auto_shares_the_cores_between_the_processes_of_a_node(cores, monkeypatch):
     cores(16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert loader_workers("auto", decodes_images=True) == 2
+    assert loader_workers("auto", decodes_images=True, accelerator=True) == 2
 
 
 def test_a_number_is_used_as_given():
-    assert loader_workers(0, decodes_images=True) == 0
-    assert loader_workers(3, decodes_images=False) == 3
+    assert loader_workers(0, decodes_images=True, accelerator=True) == 0
+    assert loader_workers(3, decodes_images=False, accelerator=False) == 3
 
 
 @pytest.mark.parametrize("bad", ["two", -1, 1.5, True])
 def test_bad_values_are_refused_with_what_is_accepted(bad):
     with pytest.raises(UserError, match=r"data.num_workers=.*whole number >= 0.*auto"):
-        loader_workers(bad, decodes_images=True)
+        loader_workers(bad, decodes_images=True, accelerator=True)
 
 
 def test_loaders_get_workers_only_where_images_are_decoded(make_cfg, cores):
     cores(4)
     with_images = make_cfg("data.num_workers=auto", "tasks=img+txt")
     data = build_data(with_images)
-    loader = build_loader(with_images, data, "train")
-    assert loader.num_workers == 2 and loader.persistent_workers and loader.worker_init_fn is ignore_stop_signals
+    gpu = torch.device("cuda")  # only its type is read here: nothing runs on it
+    loader = build_loader(with_images, data, "train", device=gpu)
+    assert loader.num_workers == 2 and loader.persistent_workers
+    assert build_loader(with_images, data, "train", device=torch.device("cpu")).num_workers == 0
     # The image encoder's outputs come from the feature cache: nothing left to decode.
     cached = {"image": {"pooled": None, "tokens": None, "mask": None}}
-    assert build_loader(with_images, data, "train", cached=cached).num_workers == 0
+    assert build_loader(with_images, data, "train", device=gpu, cached=cached).num_workers == 0
     text_only = make_cfg("data.num_workers=auto", "tasks=txt", "encoder/image=none")
-    assert build_loader(text_only, build_data(text_only), "val").num_workers == 0
+    assert build_loader(text_only, build_data(text_only), "val", device=gpu).num_workers == 0
 
 
 def test_loading_with_a_worker_gives_the_same_batches(make_cfg):
@@ -72,17 +76,6 @@ def test_loading_with_a_worker_gives_the_same_batches(make_cfg):
         assert (a["image"] == b["image"]).all() and (a["text"]["input_ids"] == b["text"]["input_ids"]).all()
 
 
-def test_workers_ignore_stop_signals():
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        ignore_stop_signals(0)
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def test_workers_start_the_platform_way_whatever_a_launcher_set(monkeypatch):
     """Hydra's joblib launcher runs jobs in loky processes whose default start method cannot start a worker."""
     import multiprocessing
@@ -90,4 +83,4 @@ def test_workers_start_the_platform_way_whatever_a_launcher_set(monkeypatch):
     monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: ("context", method))
     options = worker_options(2)
     assert options["multiprocessing_context"] == ("context", multiprocessing.get_all_start_methods()[0])
-    assert options["worker_init_fn"] is ignore_stop_signals and worker_options(0) == {"num_workers": 0}
+    assert options["num_workers"] == 2 and worker_options(0) == {"num_workers": 0}

@@ -1,21 +1,21 @@
-"""DataLoader worker processes: how many (`data.num_workers`, `auto` by default), and how they meet a stop signal."""
+"""DataLoader worker processes: how many (`data.num_workers`, `auto` by default), and how they start."""
 
 import multiprocessing
 import os
-import signal
 
 from mtmm.errors import UserError
 
 MAX_AUTO_WORKERS = 8
 
 
-def loader_workers(setting, decodes_images: bool) -> int:
-    """`data.num_workers` as a number. `auto`: decoding images is the one per-sample cost of the data path (texts
-    are tokenised once, cached features are sliced), so with images to decode every training process gets one
-    worker per two of its cores (at most 8), which overlaps decoding with the step; without, none (a worker would
-    only add start-up time and inter-process copies)."""
+def loader_workers(setting, decodes_images: bool, accelerator: bool) -> int:
+    """`data.num_workers` as a number. `auto`: when the model runs on an accelerator (CUDA, MPS) and images are
+    decoded per step (the one per-sample cost of the data path: texts are tokenised once, cached features are
+    sliced), one worker per two of this process's cores, at most 8, so that decoding overlaps the step. Otherwise
+    none: on a CPU-only run the step already uses every core, and a worker only takes cores from it (measured on
+    2 cores: the epoch 12-25% slower, README benchmark (c))."""
     if setting == "auto":
-        if not decodes_images:
+        if not (decodes_images and accelerator):
             return 0
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun / elastic_launch per node
@@ -26,19 +26,11 @@ def loader_workers(setting, decodes_images: bool) -> int:
     return setting
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """worker_init_fn: a worker leaves SIGINT and SIGTERM (Ctrl-C, or a scheduler's preemption signal sent to every
-    process of the job) to the training process, which finishes its step, saves and then shuts the workers down.
-    A worker killed by the signal first would fail that step with "DataLoader worker exited unexpectedly"."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def worker_options(workers: int) -> dict:
     """DataLoader keyword arguments for `workers` worker processes. The start method is named explicitly, the
     platform's default (fork on Linux, spawn on macOS and Windows): inside a job of Hydra's joblib launcher the
     process-wide default is loky's, which cannot start a DataLoader worker."""
     if workers == 0:
         return {"num_workers": 0}
-    return {"num_workers": workers, "worker_init_fn": ignore_stop_signals,
-            "multiprocessing_context": multiprocessing.get_context(multiprocessing.get_all_start_methods()[0])}
+    platform_default = multiprocessing.get_all_start_methods()[0]
+    return {"num_workers": workers, "multiprocessing_context": multiprocessing.get_context(platform_default)}

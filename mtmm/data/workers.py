@@ -13,7 +13,7 @@ def loader_workers(setting, decodes_images: bool, accelerator: bool) -> int:
     decoded per step (the one per-sample cost of the data path: texts are tokenised once, cached features are
     sliced), one worker per two of this process's cores, at most 8, so that decoding overlaps the step. Otherwise
     none: on a CPU-only run the step already uses every core, and a worker only takes cores from it (measured on
-    2 cores: the epoch 12-25% slower, README benchmark (c))."""
+    2 cores: the epoch no faster, up to 15% slower; README benchmark (c))."""
     if setting == "auto":
         if not (decodes_images and accelerator):
             return 0

@@ -186,7 +186,7 @@ def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device:
     pad_id = data.tokenizer.pad_token_id if data.tokenizer is not None else 0
     dataset = SkipModalities(data.datasets[split], cached) if cached else data.datasets[split]
     decodes_images = data.datasets[split].transform is not None and "image" not in (cached or {})
-    workers = loader_workers(cfg.data.num_workers, decodes_images, device is not None and device.type != "cpu")
+    workers = loader_workers(cfg.data.num_workers, decodes_images, device)
     if training:
         sampler = EpochShuffle(len(dataset), seed, rank, world_size)
     elif world_size > 1:

@@ -49,8 +49,7 @@ def feature_caches(cfg: DictConfig, model: nn.Module, data, device: torch.device
             started = time.perf_counter()
             computed = compute_features({m: model.encoders[m] for m in missing}, data.datasets[split],
                                         pad_id(data), cfg.data.eval_batch_size,
-                                        loader_workers(cfg.data.num_workers, "image" in missing, device.type != "cpu"),
-                                        device)
+                                        loader_workers(cfg.data.num_workers, "image" in missing, device), device)
             for modality, tensors in computed.items():
                 save_atomically(tensors, files[modality])
             log.info("feature cache: computed %s of %s (%d samples) in %.1f s, in %s", "+".join(missing), split,

@@ -3,19 +3,21 @@
 import multiprocessing
 import os
 
+import torch
+
 from mtmm.errors import UserError
 
 MAX_AUTO_WORKERS = 8
 
 
-def loader_workers(setting, decodes_images: bool, accelerator: bool) -> int:
+def loader_workers(setting, decodes_images: bool, device: torch.device | None) -> int:
     """`data.num_workers` as a number. `auto`: when the model runs on an accelerator (CUDA, MPS) and images are
     decoded per step (the one per-sample cost of the data path: texts are tokenised once, cached features are
     sliced), one worker per two of this process's cores, at most 8, so that decoding overlaps the step. Otherwise
     none: on a CPU-only run the step already uses every core, and a worker only takes cores from it (measured on
     2 cores: the epoch no faster, up to 15% slower; README benchmark (c))."""
     if setting == "auto":
-        if not (decodes_images and accelerator):
+        if not decodes_images or device is None or device.type == "cpu":
             return 0
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun / elastic_launch per node

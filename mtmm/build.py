@@ -10,7 +10,7 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from mtmm.data.collate import collate
+from mtmm.data.collate import finish_batch
 from mtmm.data.dataset import ImageTransform, ManifestDataset, TaskSpec, parse_target
 from mtmm.data.readers import LINE
 from mtmm.data.sampler import EpochShuffle
@@ -183,7 +183,6 @@ def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device:
     resumption); evaluation keeps the file order. With world_size > 1 each rank gets its share of the batch.
     `cached` (modality -> this split's cached encoder outputs, see feature_cache.py): those inputs are not loaded."""
     training = split == "train"
-    pad_id = data.tokenizer.pad_token_id if data.tokenizer is not None else 0
     dataset = SkipModalities(data.datasets[split], cached) if cached else data.datasets[split]
     decodes_images = data.datasets[split].transform is not None and "image" not in (cached or {})
     workers = loader_workers(cfg.data.num_workers, decodes_images, device)
@@ -206,7 +205,7 @@ def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device:
         persistent_workers=bool(cfg.data.get("persistent_workers", False)) and workers > 0,
         **worker_options(workers),
         pin_memory=bool(cfg.data.get("pin_memory", True)) and device is not None and device.type == "cuda",
-        collate_fn=partial(collate, pad_id=pad_id, cached=cached),
+        collate_fn=partial(finish_batch, cached=cached),
         drop_last=False,
     )
 

@@ -9,12 +9,10 @@ what makes every frozen encoder cacheable; modality dropout and missing modaliti
 after the encoder, so they work on cached features as on live ones.
 """
 
-import copy
 import hashlib
 import json
 import logging
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mtmm import distributed
 from mtmm.checkpoint import save_atomically
-from mtmm.data.collate import collate
+from mtmm.data.collate import finish_batch
 from mtmm.data.dataset import ManifestDataset
 from mtmm.data.workers import loader_workers, worker_options
 from mtmm.loop import to_device
@@ -48,7 +46,7 @@ def feature_caches(cfg: DictConfig, model: nn.Module, data, device: torch.device
         if missing and rank.main:  # only the main process writes; the others wait at the barrier and read
             started = time.perf_counter()
             computed = compute_features({m: model.encoders[m] for m in missing}, data.datasets[split],
-                                        pad_id(data), cfg.data.eval_batch_size,
+                                        cfg.data.eval_batch_size,
                                         loader_workers(cfg.data.num_workers, "image" in missing, device), device)
             for modality, tensors in computed.items():
                 save_atomically(tensors, files[modality])
@@ -112,39 +110,30 @@ def pad_id(data) -> int:
 
 
 class SkipModalities(Dataset):
-    """A split whose items leave out the inputs of some modalities (no image decoded, no token ids): the index and
+    """A split whose batches leave out the inputs of some modalities (no image decoded, no token ids): the index and
     the presence flags are all a cached modality needs."""
 
     def __init__(self, dataset: ManifestDataset, modalities):
-        self.dataset = dataset
-        self.light = copy.copy(dataset)  # shares the samples; ManifestDataset loads no image without a transform
-        if "image" in modalities:
-            self.light.transform = None
-        if "text" in modalities:
-            self.light.input_ids = None
+        self.dataset, self.without = dataset, frozenset(modalities)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def __getitems__(self, indices: list[int]) -> dict:
+        return self.dataset.batch(indices, without=self.without)
+
     def __getitem__(self, index: int) -> dict:
-        sample = self.light[index]
-        present = {}
-        if self.dataset.transform is not None:
-            present["image"] = self.dataset.image_paths[index] is not None
-        if self.dataset.input_ids is not None:
-            present["text"] = self.dataset.has_text[index]
-        sample["present"] = present
-        return sample
+        return self.dataset.batch([index], without=self.without)
 
 
 @torch.no_grad()
-def compute_features(encoders: dict[str, nn.Module], dataset: ManifestDataset, pad: int, batch_size: int,
+def compute_features(encoders: dict[str, nn.Module], dataset: ManifestDataset, batch_size: int,
                      num_workers: int, device: torch.device) -> dict[str, Cached]:
     """Run `encoders` over the split in file order, batched through the training data path (same transform, same
     tokens), in eval mode and float32; tokens are padded to the split's longest sequence."""
     others = {"image", "text"} - set(encoders)  # inputs not needed now: not decoded
     # Its own generator: a loader without one draws its seed from the global RNG, which would shift dropout.
-    loader = DataLoader(SkipModalities(dataset, others), batch_size=batch_size, collate_fn=partial(collate, pad_id=pad),
+    loader = DataLoader(SkipModalities(dataset, others), batch_size=batch_size, collate_fn=finish_batch,
                         generator=torch.Generator(), **worker_options(num_workers))
     modes = {modality: encoder.training for modality, encoder in encoders.items()}
     parts = {modality: [] for modality in encoders}

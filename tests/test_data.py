@@ -1,4 +1,4 @@
-"""Manifests, labels, images, collate and build_data: bad input is a UserError naming file, line, field, value."""
+"""Manifests, labels, images, batches and build_data: bad input is a UserError naming file, line, field, value."""
 
 import json
 from pathlib import Path
@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 
 from mtmm.build import build_data
-from mtmm.data.collate import collate
+from mtmm.data.collate import pad_token_ids
 from mtmm.data.tokenizer import tokenizer_to_files
 from mtmm.data.dataset import ImageTransform, ManifestDataset, TaskSpec, parse_target
 from mtmm.data.readers import read_manifest as read_jsonl
@@ -25,8 +25,8 @@ def write_manifest(path: Path, records: list) -> Path:
     return path
 
 
-def write_png(path: Path, size=(8, 6), mode="RGB") -> None:
-    Image.new(mode, size, color=120 if mode == "L" else (10, 20, 30)).save(path)
+def write_png(path: Path, size=(8, 6), mode="RGB", color=(10, 20, 30)) -> None:
+    Image.new(mode, size, color=120 if mode == "L" else color).save(path)
 
 
 def dataset(tmp_path: Path, records: list, tasks=(SHAPE,), transform=None, tokenizer=None) -> ManifestDataset:
@@ -120,7 +120,7 @@ def test_rows_without_image_path_or_text_mark_the_modality_absent(tmp_path):
     records = [{"image": "a.png", "text": "a red star", "shape": "star"}, {"image": None, "text": "", "shape": "star"},
                {"text": "blue", "shape": "circle"}]
     data = dataset(tmp_path, records, transform=ImageTransform(), tokenizer=train_wordpiece(["a red star blue"]))
-    batch = collate([data[i] for i in range(3)])
+    batch = data.batch([0, 1, 2])
     assert batch["present"]["image"].tolist() == [True, False, False]
     assert batch["present"]["text"].tolist() == [True, False, True]
     assert batch["image"].shape == (3, 3, 6, 8) and batch["image"][1].sum() == 0  # a blank stands in
@@ -130,7 +130,7 @@ def test_labels_masked_and_accepted(tmp_path):
     records = [{"shape": "star", "match": True}, {"shape": "", "match": 0}, {"shape": None, "match": "same"},
                {"shape": 1, "match": None}]
     data = dataset(tmp_path, records, tasks=(SHAPE, MATCH))
-    batch = collate([data[i] for i in range(len(data))])
+    batch = data.batch(list(range(len(data))))
     assert batch["targets"]["img"].tolist() == [2, 0, 0, 1]
     assert batch["target_mask"]["img"].tolist() == [True, False, False, True]
     assert batch["targets"]["match"].tolist() == [1, 0, 1, 0]
@@ -157,7 +157,7 @@ def test_unreadable_image_without_upfront_check_fails_when_loaded(tmp_path):
     manifest = write_manifest(tmp_path / "train.jsonl", [{"image": "good.png", "shape": "star"},
                                                          {"image": "bad.png", "shape": "star"}])
     data = ManifestDataset(read_jsonl(manifest), manifest, tmp_path, [SHAPE], ImageTransform(), check_images=False)
-    assert data[0]["image"].shape == (3, 6, 8)
+    assert data[0]["image"].shape == (1, 3, 6, 8)
     with pytest.raises(UserError, match="line 2: cannot read image"):
         data[1]
 
@@ -180,7 +180,12 @@ def test_images_of_different_sizes_need_an_image_size(tmp_path):
     records = [{"image": "a.png", "shape": "star"}, {"image": "b.png", "shape": "star"}]
     with pytest.raises(UserError, match="data.image_size"):
         dataset(tmp_path, records, transform=ImageTransform())
-    assert dataset(tmp_path, records, transform=ImageTransform(size=4))[1]["image"].shape == (3, 4, 4)
+    assert dataset(tmp_path, records, transform=ImageTransform(size=4)).batch([0, 1])["image"].shape == (2, 3, 4, 4)
+    # Not checked up front (data.check_images=false): the batch that meets them says which file differs.
+    manifest = tmp_path / "train.jsonl"
+    unchecked = ManifestDataset(read_jsonl(manifest), manifest, tmp_path, [SHAPE], ImageTransform(), check_images=False)
+    with pytest.raises(UserError, match=r"line 2: image .*b\.png decodes to \(3, 6, 10\).*data\.image_size"):
+        unchecked.batch([0, 1])
 
 
 @pytest.mark.parametrize("mode, size, expected", [("RGB", None, (3, 6, 8)), ("L", None, (3, 6, 8)),
@@ -192,29 +197,39 @@ def test_image_transform(tmp_path, mode, size, expected):
     assert tensor.dtype == torch.uint8 and tuple(tensor.shape) == expected
 
 
-def test_collate_pads_and_stacks():
-    lengths = [2, 5, 3]
-    samples = [{"index": i, "image": torch.full((3, 4, 4), i, dtype=torch.uint8),
-                "input_ids": list(range(10, 10 + n)), "targets": {"img": i if i != 1 else 0},
-                "target_mask": {"img": i != 1}, "present": {"image": True, "text": i != 2}}
-               for i, n in enumerate(lengths)]
-    batch = collate(samples, pad_id=7)
+def test_batch_pads_texts_to_its_longest_and_stacks(tmp_path):
+    from mtmm.data.tokenizer import train_wordpiece
+    for name in "abc":
+        write_png(tmp_path / f"{name}.png", color=(ord(name), 0, 0))
+    texts = ["red", "a big red star here", "blue star"]
+    records = [{"image": f"{name}.png", "text": text, "shape": shape}
+               for name, text, shape in zip("abc", texts, ["star", "", "circle"])]
+    tokenizer = train_wordpiece(texts)
+    data = dataset(tmp_path, records, transform=ImageTransform(), tokenizer=tokenizer)
+    batch = data.batch([2, 0, 1])
+    rows = [data.input_ids[i] for i in (2, 0, 1)]
+    lengths = [len(ids) for ids in rows]
     ids, attention = batch["text"]["input_ids"], batch["text"]["attention_mask"]
-    assert ids.shape == attention.shape == (3, 5) and ids.dtype == torch.long
-    assert attention.sum(1).tolist() == lengths
+    assert ids.shape == attention.shape == (3, max(lengths)) and ids.dtype == attention.dtype == torch.long
+    assert attention.sum(1).tolist() == lengths and len(set(lengths)) == 3
     for row, n in enumerate(lengths):
-        assert ids[row, :n].tolist() == list(range(10, 10 + n))
-        assert (ids[row, n:] == 7).all() and (attention[row, n:] == 0).all()
-    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (3, 3, 4, 4)
-    assert batch["image"][:, 0, 0, 0].tolist() == [0, 1, 2]
-    assert {m: p.tolist() for m, p in batch["present"].items()} == {"image": [True] * 3, "text": [True, True, False]}
-    assert batch["index"].tolist() == [0, 1, 2]
-    assert batch["targets"]["img"].tolist() == [0, 0, 2] and batch["target_mask"]["img"].tolist() == [True, False, True]
+        assert ids[row, :n].tolist() == rows[row]
+        assert (ids[row, n:] == tokenizer.pad_token_id).all() and (attention[row, n:] == 0).all()
+    padded = pad_token_ids(rows, tokenizer.pad_token_id)  # what robustness uses for corrupted texts
+    assert all(torch.equal(padded[key], batch["text"][key]) for key in padded)
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (3, 3, 6, 8)
+    assert batch["image"][:, 0, 0, 0].tolist() == [ord("c"), ord("a"), ord("b")]
+    assert {m: p.tolist() for m, p in batch["present"].items()} == {"image": [True] * 3, "text": [True] * 3}
+    assert batch["index"].tolist() == [2, 0, 1]
+    assert batch["targets"]["img"].tolist() == [0, 2, 0] and batch["target_mask"]["img"].tolist() == [True, True, False]
+    assert torch.equal(data[1]["image"], batch["image"][2:]) and data[1]["index"].tolist() == [1]  # a batch of one
 
 
-def test_collate_without_modalities():
-    batch = collate([{"index": i, "targets": {"t": 1 - i}, "target_mask": {"t": True}, "present": {}} for i in (0, 1)])
+def test_batch_without_modalities(tmp_path):
+    data = dataset(tmp_path, [{"shape": "star"}, {"shape": "circle"}])
+    batch = data.batch([1, 0])
     assert "image" not in batch and "text" not in batch and batch["present"] == {}
+    assert batch["targets"]["img"].tolist() == [0, 2]
 
 
 @pytest.fixture(scope="module")
@@ -237,10 +252,10 @@ def test_build_data_sizes_and_tokenised_texts(cache_dir):
     records = read_jsonl(train.manifest)
     for i in (0, 39):
         sample = train[i]
-        assert sample["input_ids"] is train.input_ids[i]
-        assert sample["input_ids"] == data.tokenizer(records[i]["text"], truncation=True, max_length=8)["input_ids"]
-        assert sample["image"].shape == (3, 64, 64) and sample["image"].dtype == torch.uint8
-        assert sample["targets"]["img"] == SHAPE_NAMES.index(records[i]["shape"])
+        ids = data.tokenizer(records[i]["text"], truncation=True, max_length=8)["input_ids"]
+        assert train.input_ids[i] == ids and sample["text"]["input_ids"][0].tolist() == ids
+        assert sample["image"].shape == (1, 3, 64, 64) and sample["image"].dtype == torch.uint8
+        assert sample["targets"]["img"].tolist() == [SHAPE_NAMES.index(records[i]["shape"])]
     assert max(len(ids) for ids in train.input_ids) == 8
     # The vocabulary is learnt from the training split only, so val/test use the same tokenizer.
     assert data.datasets["val"].input_ids[0] == data.tokenizer(read_jsonl(data.datasets["val"].manifest)[0]["text"],
@@ -251,14 +266,13 @@ def test_build_data_without_text(cache_dir):
     data = build_data(shapes_config(cache_dir, "encoder/text=none"))
     train = data.datasets["train"]
     assert data.tokenizer is None and train.input_ids is None
-    assert "input_ids" not in train[0] and "image" in train[0]
-    assert "text" not in collate([train[0], train[1]])
+    assert "text" not in train.batch([0, 1]) and "image" in train[0] and "text" not in train[0]["present"]
 
 
 def test_build_data_without_image(cache_dir):
     data = build_data(shapes_config(cache_dir, "encoder/image=none"))
     sample = data.datasets["train"][0]
-    assert "image" not in sample and "input_ids" in sample and data.tokenizer is not None
+    assert "image" not in sample and "text" in sample and data.tokenizer is not None
 
 
 def test_build_data_without_any_modality(cache_dir):

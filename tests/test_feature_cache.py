@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import mtmm.data.collate
 from mtmm.build import build_data, build_model
 from mtmm.data.dataset import ManifestDataset
 from mtmm.errors import UserError
@@ -82,8 +81,7 @@ def test_computed_once_then_reused_without_encoders_images_or_tokens(frozen_cfg,
     with monkeypatch.context() as patch:
         patch.setattr(SmallCNN, "forward", boom)
         patch.setattr(HFTextEncoder, "forward", boom)
-        patch.setattr(ManifestDataset, "load_image", boom)
-        patch.setattr(mtmm.data.collate, "pad_token_ids", boom)
+        patch.setattr(ManifestDataset, "images", boom)
         train(frozen_cfg(), tmp_path / "second")
     assert len(log_lines(caplog, "feature cache: reused")) == 3 and not log_lines(caplog, "feature cache: computed")
     assert {path: path.stat().st_mtime_ns for path in (tmp_path / "features").iterdir()} == files  # not rewritten

@@ -10,7 +10,6 @@ from hydra import compose, initialize_config_module
 from transformers import BertConfig, BertModel
 
 from mtmm.build import build_data, build_model
-from mtmm.data.collate import collate
 from mtmm.data.tokenizer import train_wordpiece
 from mtmm.errors import UserError
 from mtmm.models.features import Features
@@ -314,8 +313,7 @@ def test_build_model_heads_and_forward(cache_dir, overrides):
     model = build_model(cfg, data.tasks, data.tokenizer).eval()
     assert set(model.encoders) == ({"image"} if "encoder/text=none" in overrides else {"image", "text"})
     assert {task: head[-1].out_features for task, head in model.heads.items()} == {"img": 6, "txt": 3, "match": 1}
-    pad_id = data.tokenizer.pad_token_id if data.tokenizer else 0
-    batch = collate([data.datasets["train"][i] for i in range(5)], pad_id=pad_id)
+    batch = data.datasets["train"].batch([0, 1, 2, 3, 4])
     out = model(batch)
     assert {task: tuple(v.shape) for task, v in out.items()} == {"img": (5, 6), "txt": (5, 3), "match": (5, 1)}
     assert all(torch.isfinite(v).all() for v in out.values())

@@ -125,10 +125,9 @@ def test_missing_modality_uses_the_learnt_embedding(tmp_path):
     cfg = config(*manifest_overrides(write_csv(tmp_path / "m.csv", rows), "data.source.split_column=split"))
     data = build_data(cfg)
     from mtmm.build import build_model
-    from mtmm.data.collate import collate
     model = build_model(cfg, data.tasks, data.tokenizer).eval()
     train_set = data.datasets["train"]
-    batch = collate([train_set[i] for i in range(len(train_set))])
+    batch = train_set.batch(list(range(len(train_set))))
     assert batch["present"]["image"].tolist() == [False, True, True, True]
     features = model.encode(batch)["image"]
     assert torch.equal(features.pooled[0], model.missing["image"].detach())

@@ -131,8 +131,26 @@ class ManifestDataset(Dataset):
         self.texts = [sample["text"] or "" for sample in kept]  # raw, kept for robustness tests that corrupt them
         self.input_ids = None
         self.has_text = [bool(sample["text"]) for sample in kept]
+        self.token_ids = self.token_lengths = None  # the token ids as a padded [N, T] column and their lengths
         if tokenizer is not None:
             self.input_ids = tokenizer(self.texts, truncation=True, max_length=max_length)["input_ids"]
+            self.token_lengths = torch.tensor([len(ids) for ids in self.input_ids])
+            self.token_ids = torch.full((len(kept), int(self.token_lengths.max())), tokenizer.pad_token_id or 0,
+                                        dtype=torch.int32)
+            for row, ids in enumerate(self.input_ids):
+                self.token_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        # Per-split columns, indexed by `batch`; an unlabelled sample gets a placeholder target, masked out of
+        # that task's loss and metrics.
+        self.target_values = {task.name: torch.tensor([placeholder(task) if value is None else value
+                                                       for value in self.targets[task.name]]) for task in tasks}
+        self.target_mask = {name: torch.tensor([value is not None for value in values])
+                            for name, values in self.targets.items()}
+        self.present = {}
+        if transform is not None:
+            self.present["image"] = torch.tensor([path is not None for path in self.image_paths])
+        if tokenizer is not None:
+            self.present["text"] = torch.tensor(self.has_text)
+        self.image_store = None  # the split's decoded images, when image_cache.py made them (else decoded per batch)
 
     def check(self, record: dict, line: int, image_root: Path, check_images: bool) -> dict:
         """One record -> its parsed sample, or a UserError naming the file, line, column and value."""
@@ -167,20 +185,43 @@ class ManifestDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __getitems__(self, indices: list[int]) -> dict:
+        """What a DataLoader calls with each batch's indices: the whole batch at once (see batch)."""
+        return self.batch(indices)
+
     def __getitem__(self, index: int) -> dict:
-        values = {task.name: self.targets[task.name][index] for task in self.tasks}
-        # An unlabelled sample gets a placeholder target and is masked out of that task's loss and metrics.
-        targets = {task.name: placeholder(task) if values[task.name] is None else values[task.name] for task in self.tasks}
-        mask = {name: value is not None for name, value in values.items()}
-        sample = {"index": index, "targets": targets, "target_mask": mask, "present": {}}
-        if self.transform is not None:
-            path = self.image_paths[index]
-            sample["present"]["image"] = path is not None
-            sample["image"] = self.load_image(path, index) if path is not None else self.blank_image()
-        if self.input_ids is not None:
-            sample["input_ids"] = self.input_ids[index]
-            sample["present"]["text"] = self.has_text[index]
-        return sample
+        """Sample `index` as a batch of one (the one way this dataset builds its output: batch)."""
+        return self.batch([index])
+
+    def batch(self, indices, without: frozenset[str] = frozenset()) -> dict:
+        """The batch dict of DESIGN.md for these samples: a few indexing operations on per-split columns rather
+        than a dict per sample and a loop over them, so that a step waits for as little as possible.
+        `without`: modalities whose inputs are not loaded (their `present` flags still are)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        batch = {"index": index}
+        if self.transform is not None and "image" not in without:
+            batch["image"] = self.images(index.tolist())
+        if self.token_ids is not None and "text" not in without:
+            length = int(self.token_lengths[index].max()) if len(index) else 0
+            mask = torch.arange(length) < self.token_lengths[index, None]
+            batch["text"] = {"input_ids": self.token_ids[index, :length].long(), "attention_mask": mask.long()}
+        batch["present"] = {modality: flags[index] for modality, flags in self.present.items()}
+        batch["targets"] = {name: values[index] for name, values in self.target_values.items()}
+        batch["target_mask"] = {name: labelled[index] for name, labelled in self.target_mask.items()}
+        return batch
+
+    def images(self, indices: list[int]) -> torch.Tensor:
+        """uint8 [B, 3, H, W]: from the decoded-image cache when the split has one, else decoded now."""
+        if self.image_store is not None:
+            return self.image_store.read(indices)
+        decoded = [self.load_image(self.image_paths[i], i) if self.image_paths[i] is not None else self.blank_image()
+                   for i in indices]
+        for i, image in zip(indices, decoded):  # only when data.check_images=false let differing sizes through
+            if image.shape != decoded[0].shape:
+                raise UserError(f"{self.manifest}, line {self.lines[i]}: image {self.image_paths[i]} decodes to "
+                                f"{tuple(image.shape)} but others to {tuple(decoded[0].shape)}; set data.image_size "
+                                f"(e.g. 224) to resize and crop them all to one size")
+        return torch.stack(decoded)
 
     def load_image(self, path: Path, index: int) -> torch.Tensor:
         try:

@@ -183,8 +183,10 @@ def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device:
     resumption); evaluation keeps the file order. With world_size > 1 each rank gets its share of the batch.
     `cached` (modality -> this split's cached encoder outputs, see feature_cache.py): those inputs are not loaded."""
     training = split == "train"
-    dataset = SkipModalities(data.datasets[split], cached) if cached else data.datasets[split]
-    decodes_images = data.datasets[split].transform is not None and "image" not in (cached or {})
+    split_data = data.datasets[split]
+    dataset = SkipModalities(split_data, cached) if cached else split_data
+    decodes_images = (split_data.transform is not None and split_data.image_store is None  # see image_cache.py
+                      and "image" not in (cached or {}))
     workers = loader_workers(cfg.data.num_workers, decodes_images, device)
     if training:
         sampler = EpochShuffle(len(dataset), seed, rank, world_size)

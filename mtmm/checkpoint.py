@@ -21,13 +21,18 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 
 def save_atomically(obj, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`: a crash mid-save leaves the
+    """torch.save `obj` to `path` through write_atomically."""
+    write_atomically(path, lambda file: torch.save(obj, file))
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(file) into a temp file in the same folder, fsync, then rename over `path`: a crash mid-write leaves the
     previous file intact, never a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)

@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mtmm.build import build_data, build_loader, build_model
+from mtmm.image_cache import attach_image_caches
 from mtmm.checkpoint import load_checkpoint
 from mtmm.device import resolve_device
 from mtmm.errors import UserError, exit_with
@@ -45,6 +46,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Pa
                         f"({str(error).splitlines()[0]})") from None
     model.to(torch_device)
     wanted = {name: list(task.metrics) for name, task in cfg.tasks.items()}
+    attach_image_caches(cfg, data, [split], torch_device)  # the training run's, when it can be read here
     loader = build_loader(cfg, data, split, device=torch_device)
     metrics, outputs = evaluate(model, loader, data.tasks, wanted, torch_device, precision)
 

@@ -22,6 +22,7 @@ from mtmm.checkpoint import load_checkpoint, save_checkpoint
 from mtmm.device import resolve_device
 from mtmm.errors import UserError, exit_with
 from mtmm.feature_cache import feature_caches
+from mtmm.image_cache import attach_image_caches
 from mtmm.loop import Progress, Stop, evaluate, fit
 from mtmm.records import MetricsLog, truncate_jsonl, write_json
 
@@ -91,6 +92,8 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
         if resume is not None:  # the frozen encoders' restored weights key the cache, not their fresh ones
             model.load_state_dict(resume["model"])
         cached = feature_caches(cfg, model, data, device, rank)
+    attach_image_caches(cfg, data, [split for split in data.datasets if "image" not in cached.get(split, {})],
+                        device, rank)
     loaders = {split: build_loader(cfg, data, split, seed=cfg.seed, device=device, rank=rank.rank,
                                    world_size=rank.world_size, cached=cached.get(split)) for split in data.datasets}
     weighting = build_weighting(cfg).to(device)

@@ -23,6 +23,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from mtmm.build import build_data, build_loader, build_model, build_optimizer, build_scheduler, build_weighting
+from mtmm.image_cache import attach_image_caches
 from mtmm.loop import Progress, fit, to_device
 from mtmm.records import MetricsLog
 from mtmm.tasks import masked_task_loss
@@ -32,13 +33,14 @@ CACHE = Path(os.environ.get("MTMM_CACHE", Path(tempfile.gettempdir()) / "mtmm-be
 
 def config(*overrides):
     with initialize_config_module("mtmm.conf", version_base="1.3"):
-        return compose("train", overrides=[f"data.source.cache_dir={CACHE}/shapes", "device=cpu",
-                                           "trainer.progress=false", *overrides])
+        return compose("train", overrides=[f"data.source.cache_dir={CACHE}/shapes", f"data.image_cache_dir={CACHE}/images",
+                                           "device=cpu", "trainer.progress=false", *overrides])
 
 
 def setup(cfg):
     torch.manual_seed(0)
     data = build_data(cfg, splits=("train", "val"))
+    attach_image_caches(cfg, data, ["train"], torch.device("cpu"))  # as mtmm-train does
     loader = build_loader(cfg, data, "train")
     model = build_model(cfg, data.tasks, data.tokenizer)
     weighting = build_weighting(cfg)
@@ -101,10 +103,12 @@ def bench_overhead(quick: bool) -> dict:
 
 
 def bench_data_wait(quick: bool) -> dict:
-    """The default config (data.num_workers=auto: 0 on CPU, workers on a GPU) against one loader worker, the epochs
-    alternated so that drift in the machine's load hits both alike."""
+    """The default config (images decoded once into the image cache; data.num_workers=auto: 0 on CPU, workers on a
+    GPU) against decoding every step, in-process and with one loader worker; the epochs alternated so that drift in
+    the machine's load hits all alike."""
     size = f"data.source.train={1000 if quick else 4000}"
-    runs = {"default": config(size), "num_workers=1": config(size, "data.num_workers=1")}
+    runs = {"default": config(size), "decode per step": config(size, "data.image_cache_gib=0"),
+            "decode per step, 1 worker": config(size, "data.image_cache_gib=0", "data.num_workers=1")}
     parts = {name: setup(cfg) for name, cfg in runs.items()}
     epochs = {name: [] for name in runs}
     for name, cfg in runs.items():

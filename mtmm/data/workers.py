@@ -12,8 +12,8 @@ MAX_AUTO_WORKERS = 8
 
 def loader_workers(setting, decodes_images: bool, device: torch.device | None) -> int:
     """`data.num_workers` as a number. `auto`: when the model runs on an accelerator (CUDA, MPS) and images are
-    decoded per step (the one per-sample cost of the data path: texts are tokenised once, cached features are
-    sliced), one worker per two of this process's cores, at most 8, so that decoding overlaps the step. Otherwise
+    decoded per step (the one per-sample cost of the data path: texts are tokenised once, decoded images
+    and cached features are read from files), one worker per two of this process's cores, at most 8, so that decoding overlaps the step. Otherwise
     none: on a CPU-only run the step already uses every core, and a worker only takes cores from it (measured on
     2 cores: the epoch no faster, up to 15% slower; README benchmark (c))."""
     if setting == "auto":

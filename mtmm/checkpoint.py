@@ -5,6 +5,7 @@ Keys: format, version, config (resolved YAML text), model, optimizer, scheduler,
 """
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -39,6 +40,21 @@ def write_atomically(path: Path, write) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def link_atomically(source: Path, path: Path) -> None:
+    """Make `path` a second name of the file `source` (a hard link: no bytes written), replacing `path` atomically.
+    Every write replaces a name with a new file and never changes a file's bytes, so a later save of either name
+    leaves the other as it was. Where hard links are not supported, the file is copied (atomically)."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.link.tmp")
+    temp.unlink(missing_ok=True)
+    try:
+        os.link(source, temp)
+    except OSError:
+        with open(source, "rb") as original:
+            write_atomically(path, lambda file: shutil.copyfileobj(original, file))
+        return
+    os.replace(temp, path)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtmm import distributed
 from mtmm.build import (build_data, build_loader, build_model, build_optimizer, build_scheduler, build_weighting,
                         instantiate)
-from mtmm.checkpoint import load_checkpoint, save_checkpoint
+from mtmm.checkpoint import link_atomically, load_checkpoint, save_checkpoint
 from mtmm.device import resolve_device
 from mtmm.errors import UserError, exit_with
 from mtmm.feature_cache import feature_caches
@@ -126,14 +126,24 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
         if data.tokenizer is not None:
             data.tokenizer.save_pretrained(run_dir / "tokenizer")
 
+    written = {}  # tag -> the progress its checkpoint holds; only a step changes the weights, so the same
+    # progress means the same contents (best.pt, then last.pt, at the end of an improving epoch)
+
     def save(tag: str, progress: Progress) -> None:
-        if rank.main:
+        if not rank.main:
+            return
+        now = asdict(progress)
+        twin = next((other for other, then in written.items() if other != tag and then == now), None)
+        if twin is not None:
+            link_atomically(paths[twin], paths[tag])  # no second serialisation of the same state
+        else:
             save_checkpoint({
                 "config": config_yaml, "model": model.state_dict(), "weighting": weighting.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": progress.epoch - 1, "step": progress.step, "progress": asdict(progress), "rng": rng_state(),
+                "epoch": progress.epoch - 1, "step": progress.step, "progress": now, "rng": rng_state(),
                 "metrics": {"val": progress.last_val}, "data": data_state, "text_config": text_config,
             }, paths[tag])
+        written[tag] = now
 
     if rank.main and resume is not None:  # records written after the checkpoint will be written again
         truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step") is not None and r["step"] <= progress.step)

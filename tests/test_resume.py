@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtmm.checkpoint import save_checkpoint
+from mtmm.checkpoint import link_atomically, save_checkpoint
 from mtmm.errors import UserError
 from mtmm.train import train
 
@@ -124,6 +124,30 @@ def test_a_failing_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint({"step": 2}, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_best_and_last_of_the_same_step_are_one_file_written_once(make_cfg, tmp_path, monkeypatch):
+    saves = []
+    original = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, file: saves.append(obj.get("step")) or original(obj, file))
+    train(make_cfg("trainer.epochs=1"), tmp_path)  # a first epoch always improves: best.pt, then last.pt
+    best, last = tmp_path / "checkpoints" / "best.pt", tmp_path / "checkpoints" / "last.pt"
+    assert saves == [3] and os.path.samefile(best, last)
+    assert torch.load(last, weights_only=True)["step"] == 3
+
+
+def test_a_later_save_of_one_name_leaves_its_twin_as_it_was(tmp_path, monkeypatch):
+    best, last = tmp_path / "best.pt", tmp_path / "last.pt"
+    save_checkpoint({"step": 1}, best)
+    link_atomically(best, last)
+    assert os.path.samefile(best, last)
+    save_checkpoint({"step": 2}, last)
+    assert torch.load(best, weights_only=True)["step"] == 1 and torch.load(last, weights_only=True)["step"] == 2
+    # A file system without hard links: a copy, written atomically.
+    monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError("not supported")))
+    link_atomically(best, last)
+    assert not os.path.samefile(best, last) and last.read_bytes() == best.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temp file left
 
 
 def nan_at_step(monkeypatch, bad_step: int):

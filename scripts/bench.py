@@ -99,13 +99,15 @@ def bench_overhead(quick: bool) -> dict:
     parts = setup(cfg)
     plain_epoch(cfg, parts)  # warm-up: allocator, first-call costs
     mtmm_times, plain_times = [], []
-    for _ in range(2 if quick else 3):  # alternate, so drift in the machine's load hits both alike
+    for _ in range(2 if quick else 7):  # alternate, so drift in the machine's load hits both alike
         mtmm_times.append(mtmm_epoch(cfg, parts))
         plain_times.append(plain_epoch(cfg, parts))
-    ratio = statistics.median(mtmm_times) / statistics.median(plain_times)
+    # The fastest epoch of each: other work on the machine only ever adds time, and a 5% target is within the
+    # spread of medians of three epochs on a shared 2-core machine (0.98-1.12 in five runs).
     samples = len(parts[1].dataset)
-    return {"mtmm_samples_per_s": samples / statistics.median(mtmm_times),
-            "plain_samples_per_s": samples / statistics.median(plain_times), "overhead_ratio": ratio}
+    return {"mtmm_samples_per_s": samples / min(mtmm_times), "plain_samples_per_s": samples / min(plain_times),
+            "overhead_ratio": min(mtmm_times) / min(plain_times),
+            "overhead_ratio_of_medians": statistics.median(mtmm_times) / statistics.median(plain_times)}
 
 
 def bench_data_wait(quick: bool) -> dict:

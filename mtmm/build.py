@@ -185,9 +185,8 @@ def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device:
     training = split == "train"
     split_data = data.datasets[split]
     dataset = SkipModalities(split_data, cached) if cached else split_data
-    decodes_images = (split_data.transform is not None and split_data.image_store is None  # see image_cache.py
-                      and "image" not in (cached or {}))
-    workers = loader_workers(cfg.data.num_workers, decodes_images, device)
+    loads_images = split_data.transform is not None and "image" not in (cached or {})
+    workers = loader_workers(cfg.data.num_workers, loads_images, device)
     if training:
         sampler = EpochShuffle(len(dataset), seed, rank, world_size)
     elif world_size > 1:

@@ -54,7 +54,10 @@ def link_atomically(source: Path, path: Path) -> None:
         with open(source, "rb") as original:
             write_atomically(path, lambda file: shutil.copyfileobj(original, file))
         return
-    os.replace(temp, path)
+    try:
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path) -> dict:

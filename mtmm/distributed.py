@@ -3,9 +3,14 @@ makes one run folder), gloo on CPU and NCCL on GPU. Rank 0 alone writes; evaluat
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+CACHE_BUILD_TIMEOUT = timedelta(hours=4)
+_cache_waits = None  # the process group wait_for_main uses, made by init
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,11 @@ def launch(nproc: int, entrypoint, *args):
 
 def init(device_type: str) -> Rank:
     """Join the process group that torchelastic/torchrun described in the environment."""
+    global _cache_waits
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    # Rank 0 alone builds the image and feature caches while the others wait, which may outlast the collectives'
+    # default timeout (10 minutes for NCCL) on a large split; training's collectives keep that default.
+    _cache_waits = dist.new_group(backend="gloo", timeout=CACHE_BUILD_TIMEOUT)
     rank = current_rank()
     if device_type == "cuda":
         torch.cuda.set_device(rank.local_rank)
@@ -69,3 +78,9 @@ def mean_across_ranks(values: dict[str, float], rank: Rank) -> dict[str, float]:
 def barrier(rank: Rank) -> None:
     if rank.world_size > 1:
         dist.barrier()
+
+
+def wait_for_main(rank: Rank) -> None:
+    """A barrier for the other ranks while the main process builds a cache (timeout CACHE_BUILD_TIMEOUT)."""
+    if rank.world_size > 1:
+        dist.barrier(group=_cache_waits)

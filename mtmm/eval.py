@@ -46,7 +46,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Pa
                         f"({str(error).splitlines()[0]})") from None
     model.to(torch_device)
     wanted = {name: list(task.metrics) for name, task in cfg.tasks.items()}
-    attach_image_caches(cfg, data, [split], torch_device)  # the training run's, when it can be read here
+    # The training run's file when it can be read here; made now only for the many passes of robustness.
+    attach_image_caches(cfg, data, [split], torch_device, make=robustness)
     loader = build_loader(cfg, data, split, device=torch_device)
     metrics, outputs = evaluate(model, loader, data.tasks, wanted, torch_device, precision)
 

@@ -52,7 +52,7 @@ def feature_caches(cfg: DictConfig, model: nn.Module, data, device: torch.device
                 save_atomically(tensors, files[modality])
             log.info("feature cache: computed %s of %s (%d samples) in %.1f s, in %s", "+".join(missing), split,
                      len(data.datasets[split]), time.perf_counter() - started, files[missing[0]].parent)
-        distributed.barrier(rank)
+        distributed.wait_for_main(rank)
         reused = [modality for modality in files if modality not in missing]
         if reused:
             log.info("feature cache: reused %s of %s from %s", "+".join(reused), split, files[reused[0]].parent)
@@ -93,15 +93,20 @@ def samples_digest(dataset: ManifestDataset, modality: str, pad: int) -> str:
     """sha256 of the encoder's inputs on this split, in order: image files (path, size, mtime) and the transform,
     or the token ids themselves (which cover the texts, the tokenizer and max_length)."""
     if modality == "image":
-        files = [None if path is None else [str(path), *file_stamp(path)] for path in dataset.image_paths]
+        files = [None if path is None else [str(path), file_stamp(path)] for path in dataset.image_paths]
         inputs = {"transform": repr(dataset.transform), "images": files}
     else:
         inputs = {"pad_id": pad, "input_ids": dataset.input_ids, "has_text": dataset.has_text}
     return hashlib.sha256(json.dumps({"ids": dataset.ids, **inputs}).encode()).hexdigest()
 
 
-def file_stamp(path: Path) -> tuple[int, int]:
-    stat = path.stat()
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """(size, mtime) of an image file; None for a missing one (data.check_images=false let it through: decoding it
+    then fails, naming the manifest line)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
     return stat.st_size, stat.st_mtime_ns
 
 

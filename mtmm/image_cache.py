@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from mtmm import distributed
 from mtmm.checkpoint import write_atomically
 from mtmm.data.collate import finish_batch
-from mtmm.data.dataset import ManifestDataset
+from mtmm.data.dataset import ManifestDataset, different_sizes
 from mtmm.data.workers import loader_workers, worker_options
 from mtmm.errors import UserError
 from mtmm.feature_cache import samples_digest
@@ -60,11 +60,12 @@ class ImageStore:
 
 
 def attach_image_caches(cfg: DictConfig, data, splits, device: torch.device,
-                        rank: distributed.Rank = distributed.Rank()) -> None:
+                        rank: distributed.Rank = distributed.Rank(), make: bool = True) -> None:
     """Give each split in `splits` that decodes images its decoded-image cache (made now, or found from an earlier
-    run) when the decoded images fit data.image_cache_gib; ManifestDataset.images then reads from it."""
-    limit = float(cfg.data.get("image_cache_gib") or 0) * 2**30
-    if limit <= 0:
+    run) when the decoded images fit data.image_cache_gib; ManifestDataset.images then reads from it. `make=False`:
+    only use a file that exists (a single pass over a split gains nothing from writing one)."""
+    limit = cache_limit(cfg.data.get("image_cache_gib"))
+    if limit == 0:
         return
     folder = Path(cfg.data.image_cache_dir).expanduser()
     for split in splits:
@@ -80,12 +81,21 @@ def attach_image_caches(cfg: DictConfig, data, splits, device: torch.device,
         path = folder / f"{split}-{cache_key(dataset)}.u8"
         if rank.main and complete(path, shape):
             log.info("image cache: reused the decoded images of %s from %s", split, path)
-        elif rank.main:
+        elif rank.main and make:
             build(dataset, path, shape, split, cfg.data.eval_batch_size,
                   loader_workers(cfg.data.num_workers, True, device))
-        distributed.barrier(rank)
+        distributed.wait_for_main(rank)
         if complete(path, shape):
             dataset.image_store = ImageStore(path, shape)
+
+
+def cache_limit(gib) -> float:
+    """data.image_cache_gib in bytes (null, as in checkpoints written before the cache existed, means 0: off)."""
+    if gib is None:
+        return 0
+    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or gib < 0:
+        raise UserError(f"data.image_cache_gib={gib!r}; use a number of GiB >= 0 (0 = decode images every step)")
+    return gib * 2**30
 
 
 def decoded_size(dataset: ManifestDataset) -> tuple[int, int]:
@@ -144,9 +154,9 @@ def build(dataset: ManifestDataset, path: Path, shape, split: str, batch_size: i
         for batch in loader:
             if batch["image"].shape[1:] != shape[1:]:
                 index = int(batch["index"][0])
-                raise UserError(f"{dataset.manifest}, line {dataset.lines[index]}: image {dataset.image_paths[index]} "
-                                f"decodes to {tuple(batch['image'].shape[1:])} but the split's first image to "
-                                f"{shape[1:]}; set data.image_size (e.g. 224) to resize and crop them all to one size")
+                raise UserError(different_sizes(f"{dataset.manifest}, line {dataset.lines[index]}",
+                                                dataset.image_paths[index], tuple(batch["image"].shape[1:]),
+                                                shape[1:], "the split's first image is"))
             file.write(batch["image"].numpy().data)
 
     try:

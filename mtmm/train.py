@@ -133,9 +133,8 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
         if not rank.main:
             return
         now = asdict(progress)
-        twin = next((other for other, then in written.items() if other != tag and then == now), None)
-        if twin is not None:
-            link_atomically(paths[twin], paths[tag])  # no second serialisation of the same state
+        if tag == "last" and written.get("best") == now:
+            link_atomically(paths["best"], paths["last"])  # no second serialisation of the same state
         else:
             save_checkpoint({
                 "config": config_yaml, "model": model.state_dict(), "weighting": weighting.state_dict(),

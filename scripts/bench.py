@@ -49,7 +49,7 @@ def setup(cfg):
     loader, val_loader = (build_loader(cfg, data, split, cached=cached.get(split)) for split in ("train", "val"))
     weighting = build_weighting(cfg)
     optimizer = build_optimizer(cfg, model, weighting)
-    scheduler = build_scheduler(cfg, optimizer, total_steps=10 * len(loader))
+    scheduler = build_scheduler(cfg, optimizer, total_steps=20 * len(loader))  # every epoch a bench runs
     return data, loader, model, weighting, optimizer, scheduler, val_loader
 
 

@@ -184,7 +184,7 @@ def test_images_of_different_sizes_need_an_image_size(tmp_path):
     # Not checked up front (data.check_images=false): the batch that meets them says which file differs.
     manifest = tmp_path / "train.jsonl"
     unchecked = ManifestDataset(read_jsonl(manifest), manifest, tmp_path, [SHAPE], ImageTransform(), check_images=False)
-    with pytest.raises(UserError, match=r"line 2: image .*b\.png decodes to \(3, 6, 10\).*data\.image_size"):
+    with pytest.raises(UserError, match=r"line 2: image .*b\.png is \(3, 6, 10\) but others are \(3, 6, 8\).*data\.image_size"):
         unchecked.batch([0, 1])
 
 

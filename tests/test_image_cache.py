@@ -109,6 +109,12 @@ def test_training_with_the_cache_equals_decoding_and_reuse_decodes_nothing(make_
     metrics = evaluate_checkpoint(tmp_path / "reusing" / "checkpoints" / "best.pt", run_dir=tmp_path / "eval",
                                   device="cpu")
     assert not loads and metrics == json.loads((tmp_path / "reusing" / "summary.json").read_text())["best"]["test"]
+    # Without the file, one evaluation decodes as it reads and leaves no new file behind.
+    for path in cache_files(tmp_path / "images"):
+        path.unlink()
+    again = evaluate_checkpoint(tmp_path / "reusing" / "checkpoints" / "best.pt", run_dir=tmp_path / "eval2",
+                                device="cpu")
+    assert again == metrics and len(loads) == 32 and not cache_files(tmp_path / "images")
 
 
 def steps(run: Path) -> list[dict]:
@@ -166,19 +172,10 @@ def test_over_the_limit_or_the_free_disk_images_are_decoded_per_step(tmp_path, m
 def test_images_that_decode_to_different_sizes_fail_the_build_with_file_and_line(tmp_path):
     # Not checked up front (data.check_images=false) and no data.image_size: the first image sets the size.
     data = small_split(tmp_path, sizes=((8, 6), (8, 6), (8, 6), (9, 6)), check_images=False, absent=())
-    with pytest.raises(UserError, match=r"line 4: image .*3\.png decodes to \(3, 6, 9\) but the split's first image "
-                                        r"to \(3, 6, 8\); set data\.image_size"):
+    with pytest.raises(UserError, match=r"line 4: image .*3\.png is \(3, 6, 9\) but the split's first image is "
+                                        r"\(3, 6, 8\); set data\.image_size"):
         attach_image_caches(cache_cfg(tmp_path / "cache", batch=1), data, ["train"], CPU)
     assert not list((tmp_path / "cache").iterdir())  # the temp file is removed
-
-
-def test_workers_auto_starts_none_for_cached_images(make_cfg, tmp_path):
-    cfg = make_cfg("data.num_workers=auto", f"data.image_cache_dir={tmp_path}")
-    data = build_data(cfg)
-    gpu = torch.device("cuda")  # only asked about, never used: building a loader touches no device
-    assert build_loader(cfg, data, "train", device=gpu).num_workers > 0  # images decoded per step: workers
-    attach_image_caches(cfg, data, ["train"], CPU)
-    assert build_loader(cfg, data, "train", device=gpu).num_workers == 0  # rows read from a file: none needed
 
 
 def test_a_folder_that_cannot_be_written_means_no_cache(tmp_path, caplog):
@@ -187,3 +184,23 @@ def test_a_folder_that_cannot_be_written_means_no_cache(tmp_path, caplog):
     attach_image_caches(cache_cfg(tmp_path / "a-file" / "images"), data, ["train"], CPU)
     assert data.datasets["train"].image_store is None and "its images are decoded per step" in caplog.text
     assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("bad", ["eight", -1, True])
+def test_a_bad_limit_is_refused_with_what_is_accepted(tmp_path, bad):
+    with pytest.raises(UserError, match=r"data.image_cache_gib=.*a number of GiB >= 0"):
+        attach_image_caches(cache_cfg(tmp_path / "cache", gib=bad), small_split(tmp_path), ["train"], CPU)
+
+
+def test_a_missing_image_not_checked_up_front_names_its_line(tmp_path):
+    data = small_split(tmp_path, check_images=False, absent=())
+    (tmp_path / "1.png").unlink()
+    with pytest.raises(UserError, match=r"line 2: cannot read image .*1\.png"):
+        attach_image_caches(cache_cfg(tmp_path / "cache"), data, ["train"], CPU)
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def test_without_a_known_size_an_absent_image_is_a_blank_of_the_batch_size(tmp_path):
+    data = small_split(tmp_path, check_images=False, absent=(2,))  # no data.image_size, sizes not read up front
+    images = data.datasets["train"].batch([2, 0, 1])["image"]
+    assert images.shape == (3, 3, 6, 8) and images[0].sum() == 0 and images[1].sum() > 0

@@ -6,6 +6,7 @@ starts, so bad input fails early with the file, line, column and value; images a
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,9 +179,8 @@ class ManifestDataset(Dataset):
             if self.image_size is None:
                 self.image_size = size
             elif size != self.image_size:
-                raise UserError(f"{where}: image {path} is {size[0]}x{size[1]} but earlier ones are "
-                                f"{self.image_size[0]}x{self.image_size[1]}; set data.image_size (e.g. 224) to "
-                                f"resize and crop them all to one size")
+                raise UserError(different_sizes(where, path, f"{size[0]}x{size[1]}",
+                                                f"{self.image_size[0]}x{self.image_size[1]}", "earlier ones are"))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -214,14 +214,15 @@ class ManifestDataset(Dataset):
         """uint8 [B, 3, H, W]: from the decoded-image cache when the split has one, else decoded now."""
         if self.image_store is not None:
             return self.image_store.read(indices)
-        decoded = [self.load_image(self.image_paths[i], i) if self.image_paths[i] is not None else self.blank_image()
-                   for i in indices]
-        for i, image in zip(indices, decoded):  # only when data.check_images=false let differing sizes through
-            if image.shape != decoded[0].shape:
-                raise UserError(f"{self.manifest}, line {self.lines[i]}: image {self.image_paths[i]} decodes to "
-                                f"{tuple(image.shape)} but others to {tuple(decoded[0].shape)}; set data.image_size "
-                                f"(e.g. 224) to resize and crop them all to one size")
-        return torch.stack(decoded)
+        decoded = {i: self.load_image(self.image_paths[i], i) for i in indices if self.image_paths[i] is not None}
+        shapes = Counter(image.shape for image in decoded.values())
+        usual = shapes.most_common(1)[0][0] if shapes else self.blank_image().shape
+        for i, image in decoded.items():  # only data.check_images=false lets differing sizes through
+            if image.shape != usual:
+                raise UserError(different_sizes(f"{self.manifest}, line {self.lines[i]}", self.image_paths[i],
+                                                tuple(image.shape), tuple(usual), "others are"))
+        # An absent image: a blank of the batch's size (the size is unknown up front only without data.check_images)
+        return torch.stack([decoded[i] if i in decoded else torch.zeros(usual, dtype=torch.uint8) for i in indices])
 
     def load_image(self, path: Path, index: int) -> torch.Tensor:
         try:
@@ -234,6 +235,11 @@ class ManifestDataset(Dataset):
         """Stands in for an absent image (the model replaces its features with a learnt 'missing' embedding)."""
         width, height = (self.transform.side,) * 2 if self.transform.side else (self.image_size or (1, 1))
         return torch.zeros(3, height, width, dtype=torch.uint8)
+
+
+def different_sizes(where: str, path, size, expected, whose: str) -> str:
+    return (f"{where}: image {path} is {size} but {whose} {expected}; set data.image_size (e.g. 224) to resize "
+            f"and crop them all to one size")
 
 
 def placeholder(task: TaskSpec):

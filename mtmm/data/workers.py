@@ -10,14 +10,15 @@ from mtmm.errors import UserError
 MAX_AUTO_WORKERS = 8
 
 
-def loader_workers(setting, decodes_images: bool, device: torch.device | None) -> int:
-    """`data.num_workers` as a number. `auto`: when the model runs on an accelerator (CUDA, MPS) and images are
-    decoded per step (the one per-sample cost of the data path: texts are tokenised once, decoded images
-    and cached features are read from files), one worker per two of this process's cores, at most 8, so that decoding overlaps the step. Otherwise
-    none: on a CPU-only run the step already uses every core, and a worker only takes cores from it (measured on
-    2 cores: the epoch no faster, up to 15% slower; README benchmark (c))."""
+def loader_workers(setting, loads_images: bool, device: torch.device | None) -> int:
+    """`data.num_workers` as a number. `auto`: when the model runs on an accelerator (CUDA, MPS) and batches carry
+    images (decoded, or their rows read from the image cache and pinned: megabytes per batch at 224 px), one worker
+    per two of this process's cores, at most 8, so that this host work overlaps the step instead of delaying the
+    next kernel launch. Otherwise none: texts are tokenised once and cached features are sliced, and on a CPU-only
+    run the step already uses every core, so a worker only takes cores from it (measured on 2 cores, decoding per
+    step: the epoch up to 15% slower; README benchmark (c))."""
     if setting == "auto":
-        if not decodes_images or device is None or device.type == "cpu":
+        if not loads_images or device is None or device.type == "cpu":
             return 0
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun / elastic_launch per node

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from mtmm import distributed
+from mtmm.cache_cli import mark_used
 from mtmm.checkpoint import write_atomically
 from mtmm.data.collate import finish_batch
 from mtmm.data.dataset import ManifestDataset, different_sizes
@@ -81,6 +82,7 @@ def attach_image_caches(cfg: DictConfig, data, splits, device: torch.device,
         path = folder / f"{split}-{cache_key(dataset)}.u8"
         if rank.main and complete(path, shape):
             log.info("image cache: reused the decoded images of %s from %s", split, path)
+            mark_used(path)
         elif rank.main and make:
             build(dataset, path, shape, split, cfg.data.eval_batch_size,
                   loader_workers(cfg.data.num_workers, True, device))

@@ -5,6 +5,7 @@ transform, and checkpoints that evaluate without it."""
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,10 @@ def test_computed_once_then_reused_without_encoders_images_or_tokens(frozen_cfg,
     caplog.set_level(logging.INFO, logger="mtmm")
     train(frozen_cfg(), tmp_path / "first")
     assert len(log_lines(caplog, "feature cache: computed")) == 3 and not log_lines(caplog, "feature cache: reused")
-    files = {path: path.stat().st_mtime_ns for path in (tmp_path / "features").iterdir()}
+    files = {path: path.stat().st_ino for path in (tmp_path / "features").iterdir()}  # a rewrite makes a new file
+    long_ago = time.time() - 40 * 86400
+    for path in files:
+        os.utime(path, (long_ago, long_ago))
     assert sorted(tuple(path.name.split("-")[:2]) for path in files) == sorted(ALL)  # no temp file left either
 
     def boom(*args, **kwargs):
@@ -84,7 +88,8 @@ def test_computed_once_then_reused_without_encoders_images_or_tokens(frozen_cfg,
         patch.setattr(ManifestDataset, "images", boom)
         train(frozen_cfg(), tmp_path / "second")
     assert len(log_lines(caplog, "feature cache: reused")) == 3 and not log_lines(caplog, "feature cache: computed")
-    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "features").iterdir()} == files  # not rewritten
+    assert {path: path.stat().st_ino for path in (tmp_path / "features").iterdir()} == files  # not rewritten
+    assert all(path.stat().st_mtime > long_ago + 39 * 86400 for path in files)  # marked used (mtmm-cache prune)
     assert metrics_of(summary(tmp_path / "second")) == metrics_of(summary(tmp_path / "first"))
 
 

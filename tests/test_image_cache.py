@@ -4,7 +4,9 @@ data.image_cache_gib or the disk; a clear error for images that decode to differ
 
 import json
 import logging
+import os
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -204,3 +206,13 @@ def test_without_a_known_size_an_absent_image_is_a_blank_of_the_batch_size(tmp_p
     data = small_split(tmp_path, check_images=False, absent=(2,))  # no data.image_size, sizes not read up front
     images = data.datasets["train"].batch([2, 0, 1])["image"]
     assert images.shape == (3, 3, 6, 8) and images[0].sum() == 0 and images[1].sum() > 0
+
+
+def test_reuse_marks_the_file_used(tmp_path):
+    data = small_split(tmp_path)
+    attach_image_caches(cache_cfg(tmp_path / "cache"), data, ["train"], CPU)
+    (path,) = cache_files(tmp_path / "cache")
+    long_ago = time.time() - 40 * 86400
+    os.utime(path, (long_ago, long_ago))
+    attach_image_caches(cache_cfg(tmp_path / "cache"), reread(tmp_path), ["train"], CPU)
+    assert time.time() - path.stat().st_mtime < 86400  # what mtmm-cache prune goes by

@@ -57,7 +57,7 @@ def feature_caches(cfg: DictConfig, model: nn.Module, data, device: torch.device
         reused = [modality for modality in files if modality not in missing]
         if reused:
             log.info("feature cache: reused %s of %s from %s", "+".join(reused), split, files[reused[0]].parent)
-        for modality in reused if rank.main else ():
+        for modality in reused:
             mark_used(files[modality])
         # mmap: the OS pages rows in as batches ask for them, so memory does not grow with the dataset.
         caches[split] = {m: torch.load(path, mmap=True, weights_only=True) for m, path in files.items()}

@@ -61,20 +61,22 @@ class ImageStore:
 
 
 def attach_image_caches(cfg: DictConfig, data, splits, device: torch.device,
-                        rank: distributed.Rank = distributed.Rank(), make: bool = True) -> None:
+                        rank: distributed.Rank = distributed.Rank(), make: bool = True,
+                        features: dict | None = None) -> None:
     """Give each split in `splits` that decodes images its decoded-image cache (made now, or found from an earlier
     run) when the decoded images fit data.image_cache_gib; ManifestDataset.images then reads from it. `make=False`:
-    only use a file that exists (a single pass over a split gains nothing from writing one)."""
+    only use a file that exists (a single pass over a split gains nothing from writing one). `features`: the
+    feature caches (split -> modality -> outputs); a split whose image features are cached decodes no image."""
     limit = cache_limit(cfg.data.get("image_cache_gib"))
     if limit == 0:
         return
     folder = Path(cfg.data.image_cache_dir).expanduser()
     for split in splits:
         dataset = data.datasets[split]
-        if dataset.transform is None:
+        if dataset.transform is None or "image" in (features or {}).get(split, {}):
             continue
         shape = (len(dataset), 3, *decoded_size(dataset))
-        size = HEADER_BYTES + math.prod(shape)
+        size = file_bytes(shape)
         if size > limit:
             log.info("image cache: not for %s: its decoded images would take %.1f GiB, over data.image_cache_gib=%s; "
                      "they are decoded per step", split, size / 2**30, cfg.data.image_cache_gib)
@@ -110,6 +112,10 @@ def decoded_size(dataset: ManifestDataset) -> tuple[int, int]:
     return tuple(dataset.images([first]).shape[2:])
 
 
+def file_bytes(shape) -> int:
+    return HEADER_BYTES + math.prod(shape)
+
+
 def cache_key(dataset: ManifestDataset) -> str:
     return hashlib.sha256(f"mtmm-decoded-images {VERSION}\n{samples_digest(dataset, 'image', 0)}".encode()).hexdigest()
 
@@ -123,7 +129,7 @@ def complete(path: Path, shape) -> bool:
     """The file exists, says it holds `shape`, and has every row (a file cut short is made again, never used)."""
     try:
         with open(path, "rb") as file:
-            return file.read(HEADER_BYTES) == header(shape) and path.stat().st_size == HEADER_BYTES + math.prod(shape)
+            return file.read(HEADER_BYTES) == header(shape) and path.stat().st_size == file_bytes(shape)
     except OSError:  # missing, or a folder that cannot be read here
         return False
 
@@ -131,7 +137,7 @@ def complete(path: Path, shape) -> bool:
 def build(dataset: ManifestDataset, path: Path, shape, split: str, batch_size: int, workers: int) -> None:
     """Decode the split in file order, batch by batch, into `path` (written whole or not at all). A folder that
     cannot be written (a checkpoint's cache folder on another machine, a full disk) only means no cache."""
-    size = HEADER_BYTES + math.prod(shape)
+    size = file_bytes(shape)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(path.parent).free

@@ -92,8 +92,7 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
         if resume is not None:  # the frozen encoders' restored weights key the cache, not their fresh ones
             model.load_state_dict(resume["model"])
         cached = feature_caches(cfg, model, data, device, rank)
-    attach_image_caches(cfg, data, [split for split in data.datasets if "image" not in cached.get(split, {})],
-                        device, rank)
+    attach_image_caches(cfg, data, data.datasets, device, rank, features=cached)
     loaders = {split: build_loader(cfg, data, split, seed=cfg.seed, device=device, rank=rank.rank,
                                    world_size=rank.world_size, cached=cached.get(split)) for split in data.datasets}
     weighting = build_weighting(cfg).to(device)

@@ -45,7 +45,7 @@ def setup(cfg):
     data = build_data(cfg, splits=("train", "val"))
     model = build_model(cfg, data.tasks, data.tokenizer)
     cached = feature_caches(cfg, model, data, CPU) if cfg.trainer.feature_cache else {}
-    attach_image_caches(cfg, data, [split for split in data.datasets if "image" not in cached.get(split, {})], CPU)
+    attach_image_caches(cfg, data, data.datasets, CPU, features=cached)
     loader, val_loader = (build_loader(cfg, data, split, cached=cached.get(split)) for split in ("train", "val"))
     weighting = build_weighting(cfg)
     optimizer = build_optimizer(cfg, model, weighting)

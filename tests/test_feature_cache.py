@@ -70,8 +70,9 @@ def test_cached_run_has_the_metrics_of_an_uncached_one(frozen_cfg, tmp_path, ove
 
 def test_computed_once_then_reused_without_encoders_images_or_tokens(frozen_cfg, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="mtmm")
-    train(frozen_cfg(), tmp_path / "first")
+    train(frozen_cfg(f"data.image_cache_dir={tmp_path / 'images'}"), tmp_path / "first")
     assert len(log_lines(caplog, "feature cache: computed")) == 3 and not log_lines(caplog, "feature cache: reused")
+    assert not (tmp_path / "images").exists()  # images served as features need no decoded-image cache
     files = {path: path.stat().st_ino for path in (tmp_path / "features").iterdir()}  # a rewrite makes a new file
     long_ago = time.time() - 40 * 86400
     for path in files:

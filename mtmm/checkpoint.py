@@ -4,13 +4,11 @@ Keys: format, version, config (resolved YAML text), model, optimizer, scheduler,
 (tokenizer files, label names), text_config (architecture of a pretrained text model). Written atomically.
 """
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from mtmm.atomic import link_atomically, write_atomically  # noqa: F401 - the checkpoint's atomic writes, re-exported
 from mtmm.errors import UserError
 
 FORMAT = "mtmm-checkpoint"
@@ -24,40 +22,6 @@ def save_checkpoint(state: dict, path: Path) -> None:
 def save_atomically(obj, path: Path) -> None:
     """torch.save `obj` to `path` through write_atomically."""
     write_atomically(path, lambda file: torch.save(obj, file))
-
-
-def write_atomically(path: Path, write) -> None:
-    """write(file) into a temp file in the same folder, fsync, then rename over `path`: a crash mid-write leaves the
-    previous file intact, never a half-written one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def link_atomically(source: Path, path: Path) -> None:
-    """Make `path` a second name of the file `source` (a hard link: no bytes written), replacing `path` atomically.
-    Every write replaces a name with a new file and never changes a file's bytes, so a later save of either name
-    leaves the other as it was. Where hard links are not supported, the file is copied (atomically)."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.link.tmp")
-    temp.unlink(missing_ok=True)
-    try:
-        os.link(source, temp)
-    except OSError:
-        with open(source, "rb") as original:
-            write_atomically(path, lambda file: shutil.copyfileobj(original, file))
-        return
-    try:
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path) -> dict:

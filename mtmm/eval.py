@@ -3,12 +3,14 @@ metrics.json and per-sample predictions.jsonl to this evaluation's own run folde
 
 import json
 import logging
+import sys
+import time
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mtmm.build import build_data, build_loader, build_model
 from mtmm.checkpoint import load_checkpoint
@@ -17,21 +19,29 @@ from mtmm.errors import UserError, exit_with
 from mtmm.image_cache import attach_image_caches
 from mtmm.loop import Outputs, evaluate
 from mtmm.records import clean, write_json
+from mtmm.run_folder import claim, discard_if_only_hydra, refuse_foreign
 from mtmm.robustness import LEVELS, evaluate_robustness, plot_curves
+from mtmm.trust import own_cache_dirs, trusted_config, use_own_cache_dirs
 
 log = logging.getLogger("mtmm")
+STARTED = time.time()  # imported before Hydra makes the evaluation folder
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Path | None = None,
                         device: str = "auto", precision: str | None = None, batch_size: int | None = None,
-                        robustness: bool = False, levels=LEVELS) -> dict:
+                        robustness: bool = False, levels=LEVELS, trusted_targets=(),
+                        cache_dir: str | Path | None = None) -> dict:
     """Score `split` with the model in `checkpoint`; returns (and writes) the metrics. With `robustness`, also
-    the metrics with each modality removed and under corruptions of growing strength (robustness.json/.png)."""
-    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
-    state = load_checkpoint(checkpoint)
-    cfg = OmegaConf.create(state["config"])
+    the metrics with each modality removed and under corruptions of growing strength (robustness.json/.png).
+
+    The checkpoint may come from anyone: its config builds only mtmm's own components (and `trusted_targets`, the
+    caller's choice), and the caches it would write to are under `cache_dir` (the caller's), see mtmm/trust.py."""
     if split not in ("train", "val", "test"):
         raise UserError(f"split={split!r}; use test, val or train")
+    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    state = load_checkpoint(checkpoint)
+    cfg = trusted_config(state["config"], f"checkpoint {checkpoint}", trusted_targets)
+    use_own_cache_dirs(cfg, own_cache_dirs(cache_dir))
     if batch_size is not None:
         cfg.data.eval_batch_size = batch_size
     precision = precision or cfg.device.precision
@@ -51,7 +61,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Pa
     loader = build_loader(cfg, data, split, device=torch_device)
     metrics, outputs = evaluate(model, loader, data.tasks, wanted, torch_device, precision)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim(run_dir, "eval")
     write_json(run_dir / "metrics.json", {"checkpoint": str(Path(checkpoint).resolve()), "epoch": state["epoch"],
                                           "step": state["step"], "split": split, "metrics": metrics})
     write_predictions(run_dir / "predictions.jsonl", outputs, data)
@@ -100,12 +110,25 @@ def describe(task, logits: torch.Tensor, target: torch.Tensor, labelled: bool) -
 
 
 @hydra.main(version_base="1.3", config_path="pkg://mtmm.conf", config_name="eval")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     try:
         evaluate_checkpoint(cfg.checkpoint, split=cfg.split, device=cfg.device.type, precision=cfg.device.precision,
-                            batch_size=cfg.batch_size, robustness=cfg.robustness, levels=cfg.robustness_levels)
+                            batch_size=cfg.batch_size, robustness=cfg.robustness, levels=cfg.robustness_levels,
+                            trusted_targets=cfg.trusted_targets, cache_dir=cfg.cache_dir)
+    except UserError as error:
+        # A refused evaluation leaves nothing behind: the folder Hydra made for it held only Hydra's own files.
+        discard_if_only_hydra(Path(HydraConfig.get().runtime.output_dir), since=STARTED)
+        exit_with(error)
+
+
+def main() -> None:
+    given = dict(argument.split("=", 1) for argument in sys.argv[1:] if argument.startswith("hydra.run.dir="))
+    try:  # before Hydra writes its files into a folder given on the command line: may mtmm use it?
+        if given and "${" not in given["hydra.run.dir"]:
+            refuse_foreign(Path(given["hydra.run.dir"]).expanduser())
     except UserError as error:
         exit_with(error)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ def to_device(batch, device: torch.device):
     return batch
 
 
+class Stop(Exception):
+    """SIGTERM or SIGINT asked the run to stop; raised once the checkpoint that resuming needs is written."""
+
+
 @dataclass
 class Outputs:
     """Everything the model predicted on one split, in dataset order."""
@@ -38,10 +42,13 @@ class Outputs:
 
 
 @torch.no_grad()
-def predict(model, loader, device: torch.device, precision: str) -> Outputs:
+def predict(model, loader, device: torch.device, precision: str, stop_requested=lambda: False) -> Outputs:
+    """The model's outputs on every batch of `loader`; raises Stop between batches once stop_requested() is true."""
     model.eval()
     parts = []
     for batch in loader:
+        if stop_requested():
+            raise Stop()
         batch = to_device(batch, device)
         with autocast(device, precision):
             logits = model(batch)
@@ -75,9 +82,11 @@ def score(outputs: Outputs, tasks: list[TaskSpec], wanted: dict[str, list[str]])
     return metrics
 
 
-def evaluate(model, loader, tasks, wanted, device, precision, rank: Rank = Rank()) -> tuple[dict, Outputs]:
-    """Metrics of a split; under distributed training every rank predicts its share and all ranks score the whole."""
-    outputs = merge(gather(predict(model, loader, device, precision), rank))
+def evaluate(model, loader, tasks, wanted, device, precision, rank: Rank = Rank(),
+             stop_requested=lambda: False) -> tuple[dict, Outputs]:
+    """Metrics of a split; under distributed training every rank predicts its share and all ranks score the whole.
+    A stop asked for on the way (SIGTERM, Ctrl-C) raises Stop."""
+    outputs = merge(gather(predict(model, loader, device, precision, stop_requested), rank))
     return score(outputs, tasks, wanted), outputs
 
 
@@ -113,10 +122,6 @@ class Progress:
     best: dict = field(default_factory=lambda: {"epoch": None, "value": None, "val": None})
     last_val: dict | None = None  # validation metrics of the last finished epoch
     skipped_nonfinite: int = 0  # batches skipped for a non-finite loss (trainer.on_nonfinite=skip)
-
-
-class Stop(Exception):
-    """Raised after a checkpoint was written because SIGTERM or SIGINT asked the run to stop."""
 
 
 def fit(model, weighting, optimizer, scheduler, scaler, loaders: dict, tasks: list[TaskSpec], wanted: dict, cfg,

@@ -2,8 +2,10 @@
 
 import json
 import math
-import os
 from pathlib import Path
+
+from mtmm.atomic import disk_full, write_text_atomically
+from mtmm.errors import UserError
 
 
 def clean(value):
@@ -22,37 +24,52 @@ class MetricsLog:
     Disabled (enabled=False) on the processes of a distributed run other than rank 0."""
 
     def __init__(self, path: Path, enabled: bool = True):
+        self.path = path
         self.file = path.open("a", encoding="utf-8") if enabled else None
+        # Lines in the file: a checkpoint stores it, and resuming from that checkpoint keeps exactly those lines.
+        self.lines = count_lines(path) if enabled else 0
 
     def write(self, **record) -> None:
-        if self.file is not None:
+        if self.file is None:
+            return
+        try:
             self.file.write(json.dumps(clean(record)) + "\n")
             self.file.flush()
+        except OSError as error:
+            if not disk_full(error):
+                raise
+            raise UserError(f"cannot append to {self.path}: the disk is full; the checkpoints are intact. Free some "
+                            f"space and continue with mtmm-train resume={self.path.parent}") from None
+        self.lines += 1
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
 
 
-def truncate_jsonl(path: Path, keep) -> None:
-    """Keep the records for which keep(record) is true (and any half-written last line is dropped), atomically."""
+def count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with path.open("rb") as file:
+        return sum(1 for _ in file)
+
+
+def truncate_jsonl(path: Path, keep=lambda record: True, lines: int | None = None) -> None:
+    """Keep the first `lines` lines (all when None) and of those the records for which keep(record) is true; a
+    half-written line (cut short by a kill) is dropped. Atomic."""
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines()[:lines]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
         if keep(record):
             kept.append(line)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(temp, path)
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def write_json(path: Path, data: dict) -> None:
     """Atomic: a reader never sees half a file."""
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(clean(data), indent=2) + "\n", encoding="utf-8")
-    os.replace(temp, path)
+    write_text_atomically(path, json.dumps(clean(data), indent=2) + "\n")

@@ -13,60 +13,74 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from mtmm import distributed
 from mtmm.build import (build_data, build_loader, build_model, build_optimizer, build_scheduler, build_weighting,
                         instantiate)
-from mtmm.checkpoint import link_atomically, load_checkpoint, save_checkpoint
+from mtmm.atomic import link_atomically, write_text_atomically
+from mtmm.checkpoint import load_checkpoint, save_checkpoint
 from mtmm.device import resolve_device
 from mtmm.errors import UserError, exit_with
 from mtmm.feature_cache import feature_caches
 from mtmm.image_cache import attach_image_caches
 from mtmm.loop import Progress, Stop, evaluate, fit
 from mtmm.records import MetricsLog, truncate_jsonl, write_json
+from mtmm.run_folder import claim, holds_run, release
+from mtmm.trust import CACHE_KEYS, trusted_config, use_own_cache_dirs
 
 log = logging.getLogger("mtmm")
 
 
-def train(cfg: DictConfig, run_dir: Path | None = None) -> float:
+def train(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | None = None) -> float:
     """Train one model as `cfg` says, write everything into `run_dir` (Hydra's output dir by default) and return
     the monitored validation metric of the best epoch (what a sweeper optimises). With cfg.resume set, continue
-    that run in its own folder from its last checkpoint instead."""
-    resume = None
-    if cfg.get("resume"):
-        resume = load_checkpoint(resume_checkpoint(cfg.resume))
-        run_dir = Path(resume_checkpoint(cfg.resume)).parent.parent
-        cfg = OmegaConf.create(resume["config"])
+    that run in its own folder from its last checkpoint instead, with its own config: of the command line's
+    `overrides` (Hydra's by default) only those in RESUMABLE apply, others are refused."""
+    resume_path, resuming = None, bool(cfg.get("resume"))
+    if resuming:
+        run_dir, resume_path = resume_target(cfg.resume)
+        cfg = resumed_config(cfg, run_dir, resume_path, overrides)
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
-    checkpoints = run_dir / "checkpoints"
-    if resume is None and checkpoints.exists() and any(checkpoints.iterdir()):
-        raise UserError(f"{run_dir} already holds a run (checkpoints/ is not empty); mtmm never overwrites one. "
-                        f"Continue it with resume={run_dir}, or pick another folder with hydra.run.dir=...")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    main_process = os.environ.get("RANK", "0") == "0"  # torchrun starts every rank here; rank 0 holds the folder
+    if main_process:
+        claim(run_dir, "train", resuming=resuming)
+    try:
+        if resuming and resume_path is None:  # killed before its first checkpoint: start again, records too
+            log.warning("%s has no checkpoint yet: starting its run again from config.yaml", run_dir)
+            truncate_jsonl(run_dir / "metrics.jsonl", lines=0)
+        return dispatch(cfg, run_dir, str(resume_path) if resume_path else None)
+    finally:
+        if main_process:
+            release(run_dir)
+
+
+def dispatch(cfg: DictConfig, run_dir: Path, resume_path: str | None) -> float:
+    """Run in this process, in nproc_per_node processes, or as one rank of a torchrun launch."""
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun (e.g. on several nodes): this process is one rank
-        return distributed_worker(OmegaConf.to_yaml(cfg), str(run_dir), resume is not None)
+        return distributed_worker(OmegaConf.to_yaml(cfg), str(run_dir), resume_path)
     nproc = cfg.device.get("nproc_per_node", 1)
     if nproc > 1:
         instantiate(cfg.data.source)  # generate embedded data once, before the processes race for it
-        distributed.launch(nproc, distributed_worker, OmegaConf.to_yaml(cfg), str(run_dir), resume is not None)
+        distributed.launch(nproc, distributed_worker, OmegaConf.to_yaml(cfg), str(run_dir), resume_path)
         return json_value(run_dir / "summary.json", "monitor_value")
     file_log = attach_log_file(run_dir / "train.log")
     try:
-        return run(cfg, run_dir, resume)
+        return run(cfg, run_dir, load_checkpoint(resume_path) if resume_path else None)
     finally:
         if file_log is not None:
             logging.getLogger().removeHandler(file_log)
             file_log.close()
 
 
-def distributed_worker(cfg_yaml: str, run_dir: str, resuming: bool) -> float:
+def distributed_worker(cfg_yaml: str, run_dir: str, resume_path: str | None) -> float:
     """One process of a distributed run (started by torchelastic or torchrun)."""
     cfg = OmegaConf.create(cfg_yaml)
     rank = distributed.init(resolve_device(cfg.device.type).type)
     file_log = attach_log_file(Path(run_dir) / "train.log") if rank.main else None
     try:
-        resume = load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt") if resuming else None
+        resume = load_checkpoint(resume_path) if resume_path else None
         return run(cfg, Path(run_dir), resume, rank)
     finally:
         if file_log is not None:
@@ -120,11 +134,17 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
     if resume is not None:
         progress = restore(resume, model, weighting, optimizer, scheduler, scaler)
         log.info("resumed at epoch %d, batch %d, step %d", progress.epoch, progress.batch, progress.step)
-    elif rank.main:
-        (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        if data.tokenizer is not None:
-            data.tokenizer.save_pretrained(run_dir / "tokenizer")
+    if rank.main:  # again on resume: trainer.epochs may have changed
+        write_text_atomically(run_dir / "config.yaml", config_yaml)
+    if rank.main and resume is None and data.tokenizer is not None:
+        data.tokenizer.save_pretrained(run_dir / "tokenizer")
 
+    if rank.main and resume is not None:  # records written after the checkpoint will be written again
+        if "records" in resume:  # exactly the lines the file had when the checkpoint was written
+            truncate_jsonl(run_dir / "metrics.jsonl", lines=resume["records"])
+        else:  # a checkpoint of an earlier mtmm: by step
+            truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step") is not None and r["step"] <= progress.step)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=rank.main)
     written = {}  # tag -> the progress its checkpoint holds; only a step changes the weights, so the same
     # progress means the same contents (best.pt, then last.pt, at the end of an improving epoch)
 
@@ -140,12 +160,10 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": progress.epoch - 1, "step": progress.step, "progress": now, "rng": rng_state(),
                 "metrics": {"val": progress.last_val}, "data": data_state, "text_config": text_config,
+                "records": metrics_log.lines,
             }, paths[tag])
         written[tag] = now
 
-    if rank.main and resume is not None:  # records written after the checkpoint will be written again
-        truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step") is not None and r["step"] <= progress.step)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=rank.main)
     stop = StopSignal()
     try:
         progress = fit(model, weighting, optimizer, scheduler, scaler, loaders, data.tasks, wanted, cfg, device,
@@ -155,7 +173,8 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
             if tag == "best":
                 distributed.barrier(rank)  # rank 0 may still be writing best.pt
                 model.load_state_dict(load_checkpoint(paths["best"])["model"])
-            test[tag] = evaluate(model, loaders["test"], data.tasks, wanted, device, cfg.device.precision, rank)[0]
+            test[tag] = evaluate(model, loaders["test"], data.tasks, wanted, device, cfg.device.precision, rank,
+                                 stop.requested)[0]
             metrics_log.write(step=None, epoch=None, split="test", checkpoint=tag, **test[tag])
     except Stop:
         raise UserError(f"stopped by {stop.name} at step {progress.step} (epoch {progress.epoch}); the checkpoint "
@@ -213,14 +232,61 @@ def rebuild_python_state(saved: list) -> tuple:
     return version, tuple(internal), gauss
 
 
-def resume_checkpoint(target: str) -> Path:
-    """resume= takes a checkpoint file or a run folder (then its checkpoints/last.pt)."""
+def resume_target(target: str) -> tuple[Path, Path | None]:
+    """resume= takes a run folder (then its checkpoints/last.pt) or a checkpoint inside one: (the run folder, the
+    checkpoint to continue from, None when a kill came before the first checkpoint was written). A .pt anywhere
+    else is not a run to continue, and mtmm writes only into its own run folders."""
     path = Path(target).expanduser()
     if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-        if not path.is_file():
-            raise UserError(f"resume={target}: the folder has no checkpoints/last.pt; nothing to resume")
-    return path
+        if not holds_run(path):
+            raise UserError(f"resume={target}: {path} is not an mtmm run folder (no config.yaml written by "
+                            f"mtmm-train); nothing to resume")
+        last = path / "checkpoints" / "last.pt"
+        return path, last if last.is_file() else None
+    if not path.is_file():
+        raise UserError(f"resume={target}: no such run folder or checkpoint")
+    folder = path.parent.parent
+    if path.parent.name != "checkpoints" or not holds_run(folder):
+        raise UserError(f"resume={target}: not a checkpoint inside a run folder's checkpoints/ (resume= continues a "
+                        f"run in its own folder: RUN or RUN/checkpoints/last.pt). To score this file: mtmm-eval "
+                        f"checkpoint={target}")
+    return folder, path
+
+
+# What may change when a run is resumed: how it runs, not what it computes (besides training longer).
+RESUMABLE = ("trainer.epochs", "trainer.progress", "trainer.log_every", "trainer.checkpoint_every", "device.type",
+             "data.num_workers", "data.persistent_workers", "data.pin_memory")
+
+
+def resumed_config(composed: DictConfig, run_dir: Path, checkpoint: Path | None,
+                   overrides: list[str] | None) -> DictConfig:
+    """The config a resumed run continues with: the run's own (from its checkpoint, else its config.yaml), checked
+    as any config read from a file is (mtmm/trust.py), with the caches of this invocation and the RESUMABLE keys
+    the command line sets; any other override stops with one line."""
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        text, source, done = state["config"], f"checkpoint {checkpoint}", state["progress"]["epoch"] - 1
+    else:
+        text, source, done = (run_dir / "config.yaml").read_text(encoding="utf-8"), str(run_dir / "config.yaml"), 0
+    cfg = trusted_config(text, source, composed.get("trusted_targets") or ())
+    use_own_cache_dirs(cfg, {key: OmegaConf.select(composed, key) for key in CACHE_KEYS})
+    if overrides is None:
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if key in ("resume", "trusted_targets", *CACHE_KEYS):
+            continue
+        if key not in RESUMABLE or override.is_delete() or override.is_add():
+            raise UserError(f"resume: {override.input_line} would change what the run computes, which a resumed "
+                            f"run keeps; only {', '.join(RESUMABLE)} can change. Start a new run for other changes")
+        value = OmegaConf.select(composed, key)
+        if key == "trainer.epochs" and value < done:
+            raise UserError(f"resume: trainer.epochs={value}, but the run has done {done} epochs already")
+        if key == "trainer.epochs" and cfg.sched.name != "none" and value != cfg.trainer.epochs:
+            log.warning("trainer.epochs %s -> %s: the learning-rate schedule is recomputed for the new length",
+                        cfg.trainer.epochs, value)
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
 
 
 class StopSignal:
@@ -291,14 +357,22 @@ def attach_log_file(path: Path) -> logging.Handler | None:
     return handler
 
 
-def resume_into_its_folder(argv: list[str]) -> list[str]:
-    """`mtmm-train resume=RUN`: point Hydra at RUN itself (its train.log is appended to) and keep the original
-    .hydra/ of the run by writing this invocation's Hydra files into .hydra/resumed-<time>/."""
-    for argument in argv:
-        if argument.startswith("resume=") and argument != "resume=null":
-            folder = resume_checkpoint(argument.split("=", 1)[1]).parent.parent
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            return [*argv, f"hydra.run.dir={folder}", f"hydra.output_subdir=.hydra/resumed-{stamp}"]
+def claim_before_hydra(argv: list[str]) -> list[str]:
+    """Before Hydra writes its files (.hydra/, train.log) into a run folder, make sure mtmm may use it: a folder
+    given with hydra.run.dir= or resume= is claimed now (run_folder.py). `mtmm-train resume=RUN` points Hydra at
+    RUN itself (its train.log is appended to) and keeps the run's original .hydra/ by writing this invocation's
+    Hydra files into .hydra/resumed-<time>/."""
+    options = dict(argument.split("=", 1) for argument in argv[1:] if "=" in argument and not argument.startswith("-"))
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 holds the folder for all
+    if options.get("resume") not in (None, "", "null"):
+        folder, _ = resume_target(options["resume"])
+        if main_process:
+            claim(folder, "train", resuming=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return [*argv, f"hydra.run.dir={folder}", f"hydra.output_subdir=.hydra/resumed-{stamp}"]
+    multirun = any(argument in ("-m", "--multirun") for argument in argv)
+    if main_process and "hydra.run.dir" in options and not multirun and "${" not in options["hydra.run.dir"]:
+        claim(Path(options["hydra.run.dir"]).expanduser(), "train")
     return argv
 
 
@@ -312,7 +386,7 @@ def hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     try:
-        sys.argv = resume_into_its_folder(sys.argv)
+        sys.argv = claim_before_hydra(sys.argv)
     except UserError as error:
         exit_with(error)
     hydra_main()

@@ -93,29 +93,30 @@ def test_a_loader_worker_reads_the_cache(tmp_path):
 
 def test_training_with_the_cache_equals_decoding_and_reuse_decodes_nothing(make_cfg, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="mtmm")
-    cache = f"data.image_cache_dir={tmp_path / 'images'}"
-    train(make_cfg(cache), tmp_path / "first")  # makes the cache files
+    # The layout of one cache folder (MTMM_CACHE): generated data at its top, decoded images in images/.
+    cache = [f"data.source.cache_dir={tmp_path}", f"data.image_cache_dir={tmp_path / 'images'}"]
+    train(make_cfg(*cache), tmp_path / "first")  # makes the cache files
     assert [p.name.split("-")[0] for p in cache_files(tmp_path / "images")] == ["test", "train", "val"]
     assert any("image cache: decoded the 96 images of train" in r.getMessage() for r in caplog.records)
-    train(make_cfg(cache, "data.image_cache_gib=0"), tmp_path / "decoding")
+    train(make_cfg(*cache, "data.image_cache_gib=0"), tmp_path / "decoding")
     loads = []
     original = ManifestDataset.load_image
     monkeypatch.setattr(ManifestDataset, "load_image", lambda self, *args: loads.append(1) or original(self, *args))
     caplog.clear()
-    train(make_cfg(cache), tmp_path / "reusing")
+    train(make_cfg(*cache), tmp_path / "reusing")
     assert not loads  # every split is read from the cache
     assert sum("image cache: reused" in r.getMessage() for r in caplog.records) == 3
     runs = [steps(tmp_path / run) for run in ("first", "decoding", "reusing")]
     assert runs[0] == runs[1] == runs[2] and len(runs[0]) > 6
-    # mtmm-eval finds the training run's file through the checkpoint's config.
+    # mtmm-eval finds the training run's file in the evaluating user's cache folder (never the checkpoint's choice).
     metrics = evaluate_checkpoint(tmp_path / "reusing" / "checkpoints" / "best.pt", run_dir=tmp_path / "eval",
-                                  device="cpu")
+                                  device="cpu", cache_dir=tmp_path)
     assert not loads and metrics == json.loads((tmp_path / "reusing" / "summary.json").read_text())["best"]["test"]
     # Without the file, one evaluation decodes as it reads and leaves no new file behind.
     for path in cache_files(tmp_path / "images"):
         path.unlink()
     again = evaluate_checkpoint(tmp_path / "reusing" / "checkpoints" / "best.pt", run_dir=tmp_path / "eval2",
-                                device="cpu")
+                                device="cpu", cache_dir=tmp_path)
     assert again == metrics and len(loads) == 32 and not cache_files(tmp_path / "images")
 
 

@@ -92,6 +92,45 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, reference, k
     assert list((run_dir / ".hydra").glob("resumed-*"))
 
 
+# mtmm-train itself, killed with SIGKILL at one chosen moment: `when(state)` is true for the checkpoint save (a state
+# dict) at which the process dies, after torch.save wrote the temp file and before it is renamed into place.
+KILLED_AT = """
+import os, signal, sys
+import mtmm.checkpoint, mtmm.train
+real = mtmm.checkpoint.torch.save
+def save(obj, file):
+    real(obj, file)
+    if isinstance(obj, dict) and obj.get("format") and ({when}):
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+mtmm.checkpoint.torch.save = save
+sys.argv = ["mtmm-train", *sys.argv[1:]]
+mtmm.train.main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", [
+    'obj["step"] == 1',  # the first checkpoint write: no last.pt exists yet
+    'obj["progress"]["batch"] == 0 and obj["progress"]["epoch"] == 2',  # epoch 1's val record is written, not saved
+], ids=["during-the-first-checkpoint-write", "between-the-validation-record-and-its-checkpoint"])
+def test_sigkill_at_the_worst_moments_then_resume_equals_the_uninterrupted_run(tmp_path, reference, when):
+    reference_dir, cache = reference
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "MTMM_CACHE": str(cache)}
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT.format(when=when), *RUN, f"hydra.run.dir={run_dir}"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert list((run_dir / "checkpoints").glob(".*.tmp"))  # the interrupted write's temp file
+    again = subprocess.run([str(BIN / "mtmm-train"), *RUN, f"hydra.run.dir={run_dir}"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 2 and "already holds a run" in again.stdout + again.stderr  # not overwritten
+    finish(subprocess.Popen([str(BIN / "mtmm-train"), f"resume={run_dir}"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True))
+    assert_same_run(run_dir, reference_dir)
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, extra", [(signal.SIGTERM, []), (signal.SIGINT, ["data.num_workers=1"])],
                          ids=["sigterm", "ctrl-c-with-a-loader-worker"])

@@ -1,6 +1,7 @@
 """Text tokenizers: a WordPiece vocabulary learnt offline, a pretrained one from local files, and the
 round trip through the checkpoint (a dict of file name -> text)."""
 
+import json
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -11,6 +12,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from mtmm.errors import UserError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# The files a checkpoint may carry to rebuild its tokenizer: what save_pretrained writes for the tokenizers mtmm
+# uses. Plain names only: a name from a checkpoint never chooses a folder.
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                             "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json"})
 
 
 def train_wordpiece(texts: list[str], vocab_size: int = 2000, lowercase: bool = True) -> PreTrainedTokenizerBase:
@@ -49,13 +54,22 @@ def train_wordpiece(texts: list[str], vocab_size: int = 2000, lowercase: bool = 
     )
 
 
-def load_pretrained_tokenizer(name: str, texts: list[str] | None = None) -> PreTrainedTokenizerBase:
+def load_pretrained_tokenizer(name: str, texts: list[str] | None = None,
+                              trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a pretrained model, from a local directory or the local Hugging Face cache.
-    `texts` is unused (a pretrained vocabulary is fixed); it keeps the signature of train_wordpiece."""
+    `texts` is unused (a pretrained vocabulary is fixed); it keeps the signature of train_wordpiece. Custom code
+    shipped with the model runs only with trust_remote_code=true, set by the user; never a prompt."""
     try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+        return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=bool(trust_remote_code))
     except (OSError, ValueError) as error:
+        if "custom code" in str(error) or "trust_remote_code" in str(error):
+            raise UserError(custom_code_message(name)) from None
         raise UserError(missing_pretrained_message(name, "tokenizer")) from error
+
+
+def custom_code_message(name: str) -> str:
+    return (f"{name!r} ships its own Python code (auto_map), which mtmm runs only when you set "
+            f"encoder.text.trust_remote_code=true for a model whose code you have read and trust")
 
 
 def missing_pretrained_message(name: str, what: str) -> str:
@@ -75,8 +89,39 @@ def tokenizer_to_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
         return {path.name: path.read_text(encoding="utf-8") for path in sorted(Path(folder).iterdir()) if path.is_file()}
 
 
-def tokenizer_from_files(files: dict[str, str]) -> PreTrainedTokenizerBase:
+def tokenizer_from_files(files: dict[str, str], source: str = "checkpoint") -> PreTrainedTokenizerBase:
+    """Rebuild a tokenizer from the files a checkpoint (`source`, named in errors) carries. They come from outside:
+    only the plain file names of TOKENIZER_FILES, text values, and no custom code (never honoured, never a prompt)."""
+    if not isinstance(files, dict) or not files:
+        raise UserError(f"{source}: its tokenizer files are missing or not a mapping of file names to text")
+    for name, text in files.items():
+        if not isinstance(name, str) or name not in TOKENIZER_FILES:
+            raise UserError(f"{source}: tokenizer file name {name!r} is not allowed; a checkpoint may carry only "
+                            f"the plain names {sorted(TOKENIZER_FILES)}")
+        if not isinstance(text, str):
+            raise UserError(f"{source}: tokenizer file {name} is not text")
+    refuse_custom_code(files, source)
     with tempfile.TemporaryDirectory() as folder:
         for name, text in files.items():
             (Path(folder) / name).write_text(text, encoding="utf-8")
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{source}: its tokenizer files cannot be loaded ({str(error).splitlines()[0][:200]})"
+                            ) from None
+
+
+def refuse_custom_code(files: dict[str, str], source: str) -> None:
+    """A tokenizer_config.json that asks for code of its own (auto_map, trust_remote_code) is refused."""
+    if "tokenizer_config.json" not in files:
+        return
+    try:
+        config = json.loads(files["tokenizer_config.json"])
+    except json.JSONDecodeError as error:
+        raise UserError(f"{source}: tokenizer file tokenizer_config.json is not valid JSON ({error.msg})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{source}: tokenizer file tokenizer_config.json is not a JSON object")
+    for key in ("auto_map", "trust_remote_code"):
+        if key in config:
+            raise UserError(f"{source}: tokenizer_config.json asks for custom code ({key!r}); mtmm never runs code "
+                            f"from a checkpoint")

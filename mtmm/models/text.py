@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, PreTrainedModel
 
-from mtmm.data.tokenizer import missing_pretrained_message
+from mtmm.data.tokenizer import custom_code_message, missing_pretrained_message
 from mtmm.errors import UserError
 from mtmm.models.features import Features, masked_mean, set_frozen
 
@@ -51,17 +51,42 @@ def bert_tiny(tokenizer, hidden_size: int = 128, num_layers: int = 2, num_heads:
 
 
 def pretrained(tokenizer, name: str, max_length: int = 64, pooling: str = "cls", freeze: bool = False,
-               saved_config: str | None = None, pretrained: bool = True) -> HFTextEncoder:
-    """AutoModel.from_pretrained(name) from a local directory or the local HF cache; never downloads.
+               trust_remote_code: bool = False, saved_config: str | None = None,
+               pretrained: bool = True) -> HFTextEncoder:
+    """AutoModel.from_pretrained(name) from a local directory or the local HF cache; never downloads. Code shipped
+    with the model (auto_map) runs only with trust_remote_code=true, which the user sets by name; never a prompt.
 
     When rebuilding from a checkpoint (pretrained=False) the architecture comes from `saved_config` and the
-    weights from the checkpoint, so the original files are not needed.
+    weights from the checkpoint, so the original files are not needed (and no code of the model's runs).
     """
-    if not pretrained and saved_config is not None:
-        config = AutoConfig.for_model(**json.loads(saved_config))
-        return HFTextEncoder(AutoModel.from_config(config), pooling=pooling, freeze=freeze)
+    if not pretrained:
+        if saved_config is None:
+            raise UserError("the checkpoint has no text_config entry, which a pretrained text encoder is rebuilt from")
+        return HFTextEncoder(model_from_saved_config(saved_config), pooling=pooling, freeze=freeze)
     try:
-        model = AutoModel.from_pretrained(name, local_files_only=True)
+        model = AutoModel.from_pretrained(name, local_files_only=True, trust_remote_code=bool(trust_remote_code))
     except (OSError, ValueError) as error:
+        if "custom code" in str(error) or "trust_remote_code" in str(error):
+            raise UserError(custom_code_message(name)) from None
         raise UserError(missing_pretrained_message(name, "text model")) from error
     return HFTextEncoder(model, pooling=pooling, freeze=freeze)
+
+
+def model_from_saved_config(saved_config: str) -> PreTrainedModel:
+    """A randomly initialised transformers model of the architecture a checkpoint describes (JSON text). Only the
+    model types transformers itself defines: a config that asks for code of its own is refused."""
+    try:
+        fields = json.loads(saved_config)
+    except (TypeError, json.JSONDecodeError):
+        raise UserError("the checkpoint's text_config is not JSON text") from None
+    if not isinstance(fields, dict):
+        raise UserError("the checkpoint's text_config is not a JSON object")
+    if "auto_map" in fields or "trust_remote_code" in fields:
+        raise UserError("the checkpoint's text_config asks for custom code (auto_map); mtmm never runs code from a "
+                        "checkpoint")
+    try:
+        config = AutoConfig.for_model(**fields)
+        return AutoModel.from_config(config, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"the checkpoint's text_config describes no model transformers knows "
+                        f"({str(error).splitlines()[0][:200]})") from None

@@ -81,6 +81,25 @@ def cache_paths(cfg: DictConfig, model: nn.Module, data) -> dict[str, dict[str, 
     return paths
 
 
+def is_cache_file(path: Path) -> bool:
+    """Whether `path` holds what this cache stores, not a user's file that is only named like one: a torch file
+    that loads with weights_only (no code runs) and memory-mapped (no rows are read) as exactly pooled [N, D],
+    tokens [N, T, D] and mask [N, T] (bool), which files of every version are."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - not a torch file, truncated, pickled objects: not ours
+        return False
+    if not isinstance(saved, dict) or set(saved) != {"pooled", "tokens", "mask"}:
+        return False
+    pooled, tokens, mask = saved["pooled"], saved["tokens"], saved["mask"]
+    if not all(isinstance(tensor, torch.Tensor) for tensor in (pooled, tokens, mask)):
+        return False
+    return (pooled.dim() == 2 and tokens.dim() == 3 and mask.dtype == torch.bool
+            and mask.shape == tokens.shape[:2] and len(pooled) == len(tokens))
+
+
 def weights_digest(encoder: nn.Module) -> str:
     """sha256 of the encoder's weights and buffers, all but its final norm (applied live, after the cache)."""
     digest = hashlib.sha256()

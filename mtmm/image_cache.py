@@ -125,6 +125,22 @@ def header(shape) -> bytes:
     return text + b" " * (HEADER_BYTES - len(text))
 
 
+def is_cache_file(path: Path) -> bool:
+    """Whether `path` is a file this cache wrote (any version, complete or not), not a user's file that is only
+    named like one: a regular file whose first HEADER_BYTES are our JSON header, format "mtmm-decoded-images <n>"
+    (written first, and always has been)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as file:
+            head = file.read(HEADER_BYTES)
+        meta = json.loads(head)  # the header's padding is spaces, which JSON allows
+    except (OSError, ValueError):  # unreadable, binary, not JSON: not ours
+        return False
+    return (len(head) == HEADER_BYTES and isinstance(meta, dict) and isinstance(meta.get("shape"), list)
+            and str(meta.get("format")).startswith("mtmm-decoded-images "))
+
+
 def complete(path: Path, shape) -> bool:
     """The file exists, says it holds `shape`, and has every row (a file cut short is made again, never used)."""
     try:

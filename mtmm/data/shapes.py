@@ -73,10 +73,33 @@ _NOISE_STD = 40.0
 _JITTER = 20
 
 
-def _dataset_key(params: dict) -> str:
-    canonical = json.dumps({**params, "generator_version": GENERATOR_VERSION},
+TEMP_PREFIX = ".shapes-tmp-"  # a folder being generated; mtmm-cache removes one a killed run left behind
+
+
+def _dataset_key(params: dict, version: int | None = None) -> str:
+    """The folder's key: the parameters and the generator version (this one's unless given)."""
+    version = GENERATOR_VERSION if version is None else version
+    canonical = json.dumps({**params, "generator_version": version},
                            sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+
+
+def is_generated(folder: Path) -> bool:
+    """Whether `folder` is a dataset prepare_shapes made (any generator version), not a user's folder that is only
+    named like one: its dataset.json names "shapes" and holds the parameters and version whose key is the folder's
+    name. dataset.json is written last, before the atomic rename, so every folder ever made has it."""
+    meta_file = folder / "dataset.json"
+    if folder.is_symlink() or not folder.is_dir() or meta_file.is_symlink() or not meta_file.is_file():
+        return False
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: not ours
+        return False
+    if not isinstance(meta, dict) or meta.get("name") != "shapes" or not isinstance(meta.get("params"), dict):
+        return False
+    version = meta.get("generator_version")
+    return (isinstance(version, int) and not isinstance(version, bool)
+            and folder.name == f"shapes-{_dataset_key(meta['params'], version)}")
 
 
 def _background(rng: random.Random, size: int, background: str) -> Image.Image:
@@ -200,6 +223,7 @@ def _generate(folder: Path, params: dict, counts: dict[str, int]) -> None:
         "tags": list(TAGS),
         "counts": counts,
     }
+    # Written last: it is the mark by which is_generated (and so mtmm-cache) knows the folder as a whole dataset.
     (folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
@@ -227,7 +251,7 @@ def prepare_shapes(cache_dir: str | os.PathLike, *, seed: int = 0, image_size: i
         return final
     cache.mkdir(parents=True, exist_ok=True)
     log.info("generating shapes dataset in %s", final)
-    tmp = Path(tempfile.mkdtemp(prefix=".shapes-tmp-", dir=cache))
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=cache))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); the cache is shared data
         _generate(tmp, params, counts)

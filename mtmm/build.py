@@ -11,8 +11,9 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from mtmm.data.collate import finish_batch
-from mtmm.data.dataset import ImageTransform, ManifestDataset, TaskSpec, parse_target
-from mtmm.data.readers import LINE
+from mtmm.data.dataset import ManifestDataset, TaskSpec, no_labels, parse_target
+from mtmm.data.images import ImageTransform
+from mtmm.data.readers import FILE, LINE, source_of
 from mtmm.data.sampler import EpochShuffle
 from mtmm.data.tokenizer import tokenizer_from_files, tokenizer_to_files
 from mtmm.data.workers import loader_workers, worker_options
@@ -96,25 +97,28 @@ def infer_classes(task: TaskSpec, records: list[dict]) -> tuple[str, ...]:
             names.update(str(part).strip() for part in parts if str(part).strip())
         else:
             names.add(str(int(value)) if isinstance(value, bool) else str(value))
+    if not names:
+        raise no_labels(task, records)  # which file lacks the column, or has it empty
     if all(name.lstrip("-").isdigit() for name in names):
         ordered = tuple(sorted(names, key=int))
     else:
         ordered = tuple(sorted(names))
     need = 2 if task.type != "multilabel" else 1
     if len(ordered) < need or (task.type == "binary" and len(ordered) != 2):
-        raise UserError(f"task {task.name!r}: the training split has the labels {list(ordered)} in column "
-                        f"{task.target!r}; a {task.type} task needs {'exactly 2' if task.type == 'binary' else need}"
-                        f" (or set tasks.{task.name}.classes)")
+        raise UserError(f"{source_of(records)}: task {task.name!r} has only the labels {list(ordered)} in column "
+                        f"{task.target!r} of the training rows; a {task.type} task needs "
+                        f"{'exactly 2' if task.type == 'binary' else need} (or set tasks.{task.name}.classes)")
     return ordered
 
 
 def target_statistics(task: TaskSpec, records: list[dict]) -> dict:
     """Mean and std of a regression target over the training split (what standardisation divides by)."""
-    values = [parse_target(task, record.get(task.target), f"training split, line {record.get(LINE)}, column "
-                                                         f"{task.target!r}") for record in records]
+    values = [parse_target(task, record.get(task.target), f"{record.get(FILE) or 'training split'}, line "
+                                                         f"{record.get(LINE)}, column {task.target!r}")
+              for record in records]
     values = [v for v in values if v is not None]
     if not values:
-        raise UserError(f"task {task.name!r}: no training sample has a value in column {task.target!r}")
+        raise no_labels(task, records)
     mean = sum(values) / len(values)
     std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
     return {"mean": mean, "std": std if std > 0 else 1.0}

@@ -19,8 +19,8 @@ from mtmm.errors import UserError, exit_with
 from mtmm.image_cache import attach_image_caches
 from mtmm.loop import Outputs, evaluate
 from mtmm.records import clean, write_json
-from mtmm.run_folder import claim, discard_if_only_hydra, refuse_foreign
 from mtmm.robustness import LEVELS, evaluate_robustness, plot_curves
+from mtmm.run_folder import claim, discard_if_only_hydra, refuse_foreign
 from mtmm.trust import own_cache_dirs, trusted_config, use_own_cache_dirs
 
 log = logging.getLogger("mtmm")

@@ -31,7 +31,8 @@ from mtmm.models.features import Features
 
 log = logging.getLogger("mtmm")
 
-VERSION = 1  # bump when what is stored, or how, changes: old files are then simply not found again
+VERSION = 2  # bump when what is stored, or how, changes: old files are then simply not found again
+# (2: the decoded pixels changed with data/images.py: EXIF turn, 16-bit, transparency)
 
 Cached = dict[str, torch.Tensor]  # pooled [N, D] (before the encoder's norm), tokens [N, T, D], mask [N, T]
 

@@ -34,7 +34,8 @@ from mtmm.feature_cache import samples_digest
 
 log = logging.getLogger("mtmm")
 
-VERSION = 1  # bump when the file layout changes: old files are then simply not found again
+VERSION = 2  # bump when the pixels or the file layout change: old files are then simply not found again
+# (2: images are turned upright by EXIF, 16-bit scaled, transparency composited; see data/images.py)
 HEADER_BYTES = 4096  # a JSON header (format, shape), padded; the rows start here
 SPARE_DISK = 1 << 30  # leave at least this much of the disk free
 

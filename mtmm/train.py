@@ -17,9 +17,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from mtmm import distributed
+from mtmm.atomic import link_atomically, write_text_atomically
 from mtmm.build import (build_data, build_loader, build_model, build_optimizer, build_scheduler, build_weighting,
                         instantiate)
-from mtmm.atomic import link_atomically, write_text_atomically
 from mtmm.checkpoint import load_checkpoint, save_checkpoint
 from mtmm.device import resolve_device
 from mtmm.errors import UserError, exit_with

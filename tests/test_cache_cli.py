@@ -15,9 +15,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from mtmm.cache_cli import human, main, size_of
-from mtmm.data.dataset import ImageTransform, ManifestDataset, TaskSpec
-from mtmm.data.readers import read_manifest
 from mtmm.data import shapes
+from mtmm.data.dataset import ManifestDataset, TaskSpec
+from mtmm.data.images import ImageTransform
+from mtmm.data.readers import read_manifest
 from mtmm.data.shapes import SHAPES, TEMP_PREFIX, prepare_shapes
 from mtmm.feature_cache import feature_caches
 from mtmm.image_cache import attach_image_caches

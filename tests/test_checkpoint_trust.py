@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 from hydra import compose, initialize_config_module
 from hydra.utils import get_method
 from omegaconf import OmegaConf
@@ -18,8 +19,6 @@ from mtmm.errors import UserError
 from mtmm.eval import evaluate_checkpoint
 from mtmm.train import train
 from mtmm.trust import shipped_targets, trusted_config
-
-from conftest import TINY
 
 BIN = Path(sys.executable).parent
 SMALL = ["encoder.text.hidden_size=16", "encoder.text.intermediate_size=32", "trainer.epochs=1",

@@ -10,8 +10,8 @@ from PIL import Image
 
 from mtmm.build import build_data
 from mtmm.data.collate import pad_token_ids
-from mtmm.data.tokenizer import tokenizer_to_files
-from mtmm.data.dataset import ImageTransform, ManifestDataset, TaskSpec, parse_target
+from mtmm.data.dataset import ManifestDataset, TaskSpec, parse_target
+from mtmm.data.images import ImageTransform
 from mtmm.data.readers import read_manifest as read_jsonl
 from mtmm.errors import UserError
 

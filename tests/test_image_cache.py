@@ -15,8 +15,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from mtmm.build import build_data, build_loader
-from mtmm.data.dataset import ImageTransform, ManifestDataset, TaskSpec
+from mtmm.data.dataset import ManifestDataset, TaskSpec
+from mtmm.data.images import ImageTransform
 from mtmm.data.readers import read_manifest
 from mtmm.errors import UserError
 from mtmm.eval import evaluate_checkpoint

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
 
-from mtmm.data.readers import LINE
+from mtmm.data.images import TURNED, ImageTransform, open_image, orientation
+from mtmm.data.readers import LINE, columns_of, source_of
 from mtmm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -32,29 +32,6 @@ class TaskSpec:
     delimiter: str = "|"  # multilabel cells given as one string: "drama|comedy"
     mean: float = 0.0  # regression targets are standardised as (y - mean) / std for training
     std: float = 1.0
-
-
-@dataclass(frozen=True)
-class ImageTransform:
-    """PIL image -> uint8 tensor [3,H,W]; deterministic, so evaluation sees exactly what training saw.
-
-    Images stay uint8 until the encoder normalises a whole batch on the device: a quarter of the bytes to move,
-    and one vectorised op per batch instead of one per image.
-    """
-
-    size: int | None = None  # resize the shorter side to this and centre-crop a square; None keeps the file's size
-    crop: int | None = None  # the square's side when it differs from `size` (torchvision weights: 256 -> 224)
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        tensor = pil_to_tensor(image.convert("RGB"))
-        if self.size is not None:
-            side = self.crop or self.size
-            tensor = center_crop(resize(tensor, [self.size], antialias=True), [side, side])
-        return tensor
-
-    @property
-    def side(self) -> int | None:
-        return self.crop or self.size
 
 
 def parse_target(task: TaskSpec, value, where: str):
@@ -112,6 +89,8 @@ class ManifestDataset(Dataset):
             raise UserError(f"data.on_bad_sample={on_bad_sample!r}; use error or skip")
         self.manifest, self.tasks, self.transform = manifest, tasks, transform
         check_columns(records, manifest, tasks, transform is not None, tokenizer is not None)
+        if transform is not None:
+            check_image_root(records, manifest, Path(image_root))
         self.image_size: tuple[int, int] | None = None  # (width, height) shared by all images when not resized
         kept, self.skipped = [], 0
         for row, record in enumerate(records, start=1):
@@ -170,8 +149,9 @@ class ManifestDataset(Dataset):
         if not path.is_file():
             raise UserError(f"{where}: image file {path} does not exist")
         try:
-            with Image.open(path) as image:
-                size = image.size
+            with open_image(path, where) as image:
+                width, height = image.size
+                size = (height, width) if orientation(image) in TURNED else (width, height)  # as to_rgb turns it
                 image.verify()  # reads the whole file and checks its structure, without decoding pixels
         except (OSError, UnidentifiedImageError, SyntaxError) as error:
             raise UserError(f"{where}: cannot read image {path}: {error}") from None
@@ -226,9 +206,9 @@ class ManifestDataset(Dataset):
 
     def load_image(self, path: Path, index: int) -> torch.Tensor:
         try:
-            with Image.open(path) as image:
+            with open_image(path, f"{self.manifest}, line {self.lines[index]}") as image:
                 return self.transform(image)
-        except (OSError, UnidentifiedImageError) as error:
+        except (OSError, UnidentifiedImageError, ValueError) as error:  # ValueError: a mode with no RGB conversion
             raise UserError(f"{self.manifest}, line {self.lines[index]}: cannot read image {path}: {error}") from None
 
     def blank_image(self) -> torch.Tensor:
@@ -248,10 +228,28 @@ def placeholder(task: TaskSpec):
 
 def check_columns(records: list[dict], manifest: Path, tasks: list[TaskSpec], images: bool, texts: bool) -> None:
     """A column that no row has is a configuration error, not a missing value: say which columns exist."""
-    present = set().union(*(record.keys() for record in records)) - {LINE}
-    wanted = [(task.target, f"the target of task {task.name!r}") for task in tasks]
-    wanted += [("image", "the image path (map yours with data.columns.image)")] if images else []
-    wanted += [("text", "the text (map yours with data.columns.text)")] if texts else []
+    present = columns_of(records)
+    wanted = [(task.target, f"the target of task {task.name!r}; set tasks.{task.name}.target") for task in tasks]
+    wanted += [("image", "the image path; map yours with data.source.columns.image=COLUMN")] if images else []
+    wanted += [("text", "the text; map yours with data.source.columns.text=COLUMN")] if texts else []
     for column, role in wanted:
         if column not in present:
             raise UserError(f"{manifest}: no column {column!r} ({role}); the file has {sorted(present)}")
+
+
+def check_image_root(records: list[dict], manifest: Path, image_root: Path) -> None:
+    """A missing image folder is one error naming it, not one per image."""
+    relative = any(record.get("image") and not Path(str(record["image"])).is_absolute() for record in records)
+    if relative and not image_root.is_dir():
+        raise UserError(f"{manifest}: the image folder {image_root} does not exist (the relative image paths start "
+                        f"there; set data.source.image_root)")
+
+
+def no_labels(task: TaskSpec, records: list[dict]) -> UserError:
+    """The training records give a task nothing to learn from: say which file lacks the column or the labels."""
+    where, present = source_of(records), columns_of(records)
+    if task.target not in present:
+        return UserError(f"{where}: no column {task.target!r} (the target of task {task.name!r}; set "
+                         f"tasks.{task.name}.target); the file has {sorted(present)}")
+    return UserError(f"{where}: no row has a label in column {task.target!r} (the target of task {task.name!r}); "
+                     f"every cell of it is empty")

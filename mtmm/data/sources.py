@@ -5,7 +5,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtmm.data.readers import LINE, read_manifest
+from mtmm.data.readers import LINE, columns_of, read_manifest
 from mtmm.data.shapes import prepare_shapes
 from mtmm.errors import UserError
 
@@ -48,7 +48,17 @@ def manifest(train: str, val: str | None = None, test: str | None = None, split_
             records.update(random_split(records, missing, {"val": val_fraction, "test": test_fraction}, split_seed,
                                         train_path))
             files.update({split: train_path for split in missing})
-    return DataSource(records, files, Path(image_root).expanduser() if image_root else train_path.parent)
+    return DataSource(records, files, existing_image_root(image_root) if image_root else train_path.parent)
+
+
+def existing_image_root(image_root: str) -> Path:
+    """The configured image folder; a missing one is one error naming the option, not one per image."""
+    folder = Path(image_root).expanduser()
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"data.source.image_root={image_root!r} {problem}; relative image paths start there "
+                        f"(null: the folder of the train manifest)")
+    return folder
 
 
 def rename_columns(records: list[dict], columns: dict, path: Path) -> list[dict]:
@@ -56,12 +66,16 @@ def rename_columns(records: list[dict], columns: dict, path: Path) -> list[dict]
     renames = {theirs: ours for ours, theirs in columns.items() if theirs and theirs != ours}
     if not renames:
         return records
-    present = set().union(*(record.keys() for record in records))
+    present = columns_of(records)
     for theirs, ours in renames.items():
         if theirs not in present:
             raise UserError(f"{path}: data.source.columns.{ours}={theirs!r} but the file has no such column; "
-                            f"it has {sorted(present - {LINE})}")
-    return [{renames.get(key, key): value for key, value in record.items()} for record in records]
+                            f"it has {sorted(present)}")
+    # A file column already named like one of mtmm's (an `image` column beside the mapped `img_path`) gives way
+    # to the mapped one, whatever the column order.
+    shadowed = set(renames.values()) - set(renames)
+    return [{renames.get(key, key): value for key, value in record.items() if key not in shadowed}
+            for record in records]
 
 
 def by_split_column(records: list[dict], path: Path, column: str) -> tuple[dict, dict]:

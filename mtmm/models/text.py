@@ -2,7 +2,6 @@
 
 import json
 
-import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, PreTrainedModel
 

@@ -140,9 +140,10 @@ class Data:
         return state
 
 
-def build_data(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val", "test"), saved: dict | None = None) -> Data:
+def build_data(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val", "test"), saved: dict | None = None,
+               origin: str = "checkpoint") -> Data:
     """Datasets for `splits`. Label names, statistics and the tokenizer are learnt from the training split, or
-    taken from a checkpoint's `data` entry (`saved`) when evaluating."""
+    taken from a checkpoint's `data` entry (`saved`, read from `origin`) when evaluating."""
     if not (has_encoder(cfg, "image") or has_encoder(cfg, "text")):
         raise UserError("both encoder/image and encoder/text are none; configure at least one modality")
     check_tasks(cfg)
@@ -152,7 +153,7 @@ def build_data(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val", "test
     tokenizer = None
     if has_encoder(cfg, "text"):
         if saved is not None:
-            tokenizer = tokenizer_from_files(saved["tokenizer_files"])
+            tokenizer = tokenizer_from_files(saved["tokenizer_files"], origin)
         else:
             texts = [str(record.get("text") or "") for record in train_records]
             tokenizer = instantiate(cfg.encoder.text.tokenizer, texts=texts)

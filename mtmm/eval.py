@@ -21,7 +21,7 @@ from mtmm.loop import Outputs, evaluate
 from mtmm.records import clean, write_json
 from mtmm.robustness import LEVELS, evaluate_robustness, plot_curves
 from mtmm.run_folder import claim, discard_if_only_hydra, refuse_foreign
-from mtmm.trust import own_cache_dirs, trusted_config, use_own_cache_dirs
+from mtmm.trust import check_saved_data, own_cache_dirs, trusted_config, use_own_cache_dirs
 
 log = logging.getLogger("mtmm")
 STARTED = time.time()  # imported before Hydra makes the evaluation folder
@@ -40,14 +40,15 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Pa
         raise UserError(f"split={split!r}; use test, val or train")
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     state = load_checkpoint(checkpoint)
-    cfg = trusted_config(state["config"], f"checkpoint {checkpoint}", trusted_targets)
+    cfg = trusted_config(state.get("config"), f"checkpoint {checkpoint}", trusted_targets)
+    check_saved_data(state, cfg, f"checkpoint {checkpoint}")
     use_own_cache_dirs(cfg, own_cache_dirs(cache_dir))
     if batch_size is not None:
         cfg.data.eval_batch_size = batch_size
     precision = precision or cfg.device.precision
     torch_device = resolve_device(device)
 
-    data = build_data(cfg, splits=(split,), saved=state["data"])
+    data = build_data(cfg, splits=(split,), saved=state["data"], origin=f"checkpoint {checkpoint}")
     model = build_model(cfg, data.tasks, data.tokenizer, restoring=True, saved_text_config=state.get("text_config"))
     try:
         model.load_state_dict(state["model"])

@@ -28,7 +28,7 @@ from mtmm.image_cache import attach_image_caches
 from mtmm.loop import Progress, Stop, evaluate, fit
 from mtmm.records import MetricsLog, truncate_jsonl, write_json
 from mtmm.run_folder import claim, holds_run, release
-from mtmm.trust import CACHE_KEYS, trusted_config, use_own_cache_dirs
+from mtmm.trust import CACHE_KEYS, check_saved_data, trusted_config, use_own_cache_dirs
 
 log = logging.getLogger("mtmm")
 
@@ -269,6 +269,8 @@ def resumed_config(composed: DictConfig, run_dir: Path, checkpoint: Path | None,
     else:
         text, source, done = (run_dir / "config.yaml").read_text(encoding="utf-8"), str(run_dir / "config.yaml"), 0
     cfg = trusted_config(text, source, composed.get("trusted_targets") or ())
+    if checkpoint is not None:
+        check_saved_data(state, cfg, source)
     use_own_cache_dirs(cfg, {key: OmegaConf.select(composed, key) for key in CACHE_KEYS})
     if overrides is None:
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []

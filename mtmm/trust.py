@@ -120,3 +120,23 @@ def use_own_cache_dirs(loaded: DictConfig, own: dict[str, str | None]) -> None:
     for key in CACHE_KEYS:
         if OmegaConf.select(loaded, key) is not None and own.get(key) is not None:
             OmegaConf.update(loaded, key, str(own[key]), merge=False)
+
+
+def check_saved_data(state: dict, cfg: DictConfig, source: str) -> None:
+    """The parts of a checkpoint that rebuild the data side, shaped as mtmm writes them: label names and regression
+    statistics for every task of its config, tokenizer files when it has a text encoder. Else one line, not a
+    KeyError deep inside the build."""
+    data = state.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("classes"), dict) or not isinstance(data.get("stats"), dict):
+        raise UserError(f"{source}: its data entry (label names, statistics) is missing or malformed")
+    for task in cfg.get("tasks") or {}:
+        classes, stats = data["classes"].get(task), data["stats"].get(task)
+        if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+            raise UserError(f"{source}: no list of label names for task {task!r} in its data entry")
+        if not (isinstance(stats, list) and len(stats) == 2 and all(isinstance(v, (int, float)) for v in stats)):
+            raise UserError(f"{source}: no [mean, std] statistics for task {task!r} in its data entry")
+    text = OmegaConf.select(cfg, "encoder.text._target_")
+    if text is not None and not isinstance(data.get("tokenizer_files"), dict):
+        raise UserError(f"{source}: it has a text encoder but no tokenizer files")
+    if not isinstance(state.get("model"), dict):
+        raise UserError(f"{source}: it holds no model weights")

@@ -144,6 +144,21 @@ def test_a_tokenizer_config_asking_for_custom_code_is_refused_without_a_prompt(t
     refused(config_only, tmp_path, rf"tokenizer_config\.json asks for custom code \('{key}'\)")
 
 
+@pytest.mark.parametrize("damage", ["no data", "no classes", "stats", "no model"])
+def test_a_malformed_data_entry_is_one_line_not_a_key_error(trained, tmp_path, damage):
+    def edit(state):
+        if damage == "no data":
+            del state["data"]
+        elif damage == "no classes":
+            state["data"]["classes"] = {}
+        elif damage == "stats":
+            state["data"]["stats"]["txt"] = "mean"
+        else:
+            state["model"] = [1, 2]
+
+    refused(crafted(trained, tmp_path, edit_state=edit), tmp_path, "data entry|model weights")
+
+
 def test_a_text_config_asking_for_custom_code_is_refused(trained, tmp_path):
     from mtmm.models.text import model_from_saved_config
     with pytest.raises(UserError, match="asks for custom code"):

@@ -1,15 +1,19 @@
 """The checkpoint format: a plain dict of tensors, numbers and strings, loadable with weights_only=True.
 
-Keys: format, version, config (resolved YAML text), model, optimizer, scheduler, epoch, step, rng, metrics, data
-(tokenizer files, label names), text_config (architecture of a pretrained text model). Written atomically.
+Keys: format, version, config (resolved YAML text), model, weighting, optimizer, scheduler, scaler, epoch, step,
+progress, rng, metrics, data (tokenizer files, label names), text_config (architecture of a pretrained text model),
+records (lines of metrics.jsonl when it was written). Written atomically; `restore` puts it all back in place.
 """
 
+import random
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from mtmm.atomic import link_atomically, write_atomically  # noqa: F401 - the checkpoint's atomic writes, re-exported
 from mtmm.errors import UserError
+from mtmm.loop import Progress
 
 FORMAT = "mtmm-checkpoint"
 VERSION = 1
@@ -22,6 +26,66 @@ def save_checkpoint(state: dict, path: Path) -> None:
 def save_atomically(obj, path: Path) -> None:
     """torch.save `obj` to `path` through write_atomically."""
     write_atomically(path, lambda file: torch.save(obj, file))
+
+
+class CheckpointWriter:
+    """Writes a run's checkpoints/last.pt and best.pt (on rank 0; a no-op on the others). The parts that do not change
+    during training (config, data side, text architecture) are computed once; `records` is the run's MetricsLog,
+    whose line count each checkpoint stores so that resuming keeps exactly the records written before it."""
+
+    def __init__(self, run, config_yaml: str, records):
+        self.run, self.records = run, records
+        self.static = {"config": config_yaml, "data": run.data.state(),
+                       "text_config": run.model.encoders["text"].config_json() if "text" in run.model.encoders else None}
+        self.written = {}  # tag -> the progress its file holds
+
+    def save(self, tag: str, progress: Progress) -> None:
+        if not self.run.rank.main:
+            return
+        now = asdict(progress)
+        # Only a step changes the weights, so the same progress means the same contents (best.pt, then last.pt, at
+        # the end of an improving epoch): one file under two names, not a second serialisation.
+        if tag == "last" and self.written.get("best") == now:
+            link_atomically(self.run.paths["best"], self.run.paths["last"])
+        else:
+            save_checkpoint({**self.static, **training_state(self.run, progress), "records": self.records.lines},
+                            self.run.paths[tag])
+        self.written[tag] = now
+
+
+def training_state(run, progress: Progress) -> dict:
+    """Everything that changes while a run trains, as checkpoint entries."""
+    return {"model": run.model.state_dict(), "weighting": run.weighting.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(), "epoch": progress.epoch - 1, "step": progress.step,
+            "progress": asdict(progress), "rng": rng_state(), "metrics": {"val": progress.last_val}}
+
+
+def restore(state: dict, run) -> Progress:
+    """Put everything a checkpoint holds back in place, RNG states included, and say where to continue."""
+    run.model.load_state_dict(state["model"])
+    run.weighting.load_state_dict(state["weighting"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return Progress(**state["progress"])
+
+
+def rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(saved: dict) -> None:
+    version, internal, gauss = saved["python"]  # a checkpoint holds lists, random.setstate wants tuples
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(saved["torch"])
+    if torch.cuda.is_available() and saved.get("cuda"):
+        torch.cuda.set_rng_state_all(saved["cuda"])
 
 
 def load_checkpoint(path: str | Path) -> dict:

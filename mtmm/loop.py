@@ -2,6 +2,7 @@
 
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -124,20 +125,16 @@ class Progress:
     skipped_nonfinite: int = 0  # batches skipped for a non-finite loss (trainer.on_nonfinite=skip)
 
 
-def fit(model, weighting, optimizer, scheduler, scaler, loaders: dict, tasks: list[TaskSpec], wanted: dict, cfg,
-        device, metrics_log, save, progress: Progress, stop_requested=lambda: False, rank: Rank = Rank(),
-        forward=None) -> Progress:
-    """Train from `progress` to the end of cfg.trainer.epochs, validating after every epoch.
+def fit(run, metrics_log, save, progress: Progress, stop_requested=lambda: False) -> Progress:
+    """Train `run` (see run.py) from `progress` to the end of cfg.trainer.epochs, validating after every epoch.
 
     `save(tag, progress)` writes checkpoints/<tag>.pt: "last" every cfg.trainer.checkpoint_every steps and at every
     epoch end, "best" when the monitored metric improves. When `stop_requested()` turns true, the current step
-    finishes, "last" is written and Stop is raised. Under distributed training `forward` is the DDP-wrapped model
-    and `model` the module inside it; only rank 0 writes (save and metrics_log are no-ops elsewhere).
+    finishes, "last" is written and Stop is raised. Under distributed training only rank 0 writes (save and
+    metrics_log are no-ops elsewhere).
     """
-    forward = model if forward is None else forward
-    precision = cfg.device.precision
-    types = {task.name: task.type for task in tasks}
-    train_loader = loaders["train"]
+    cfg, model, weighting, rank = run.cfg, run.model, run.weighting, run.rank
+    train_loader = run.loaders["train"]
     while progress.epoch <= cfg.trainer.epochs:
         epoch = progress.epoch
         model.train()
@@ -147,35 +144,10 @@ def fit(model, weighting, optimizer, scheduler, scaler, loaders: dict, tasks: li
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.trainer.epochs}", leave=False,
                    disable=None if cfg.trainer.progress else True, dynamic_ncols=True)
         for batch in bar:
-            batch = to_device(batch, device)
-            with autocast(device, precision):
-                logits = forward(batch)
-                losses = {task: masked_task_loss(types[task], logits[task], batch["targets"][task],
-                                                 batch["target_mask"][task]) for task in types}
-                total = weighting(losses, shared=model.last_shared_parameters())
-            progress.batch += 1
-            bad = [task for task, loss in losses.items() if not torch.isfinite(loss)]
-            if bad and cfg.trainer.on_nonfinite == "skip":
-                progress.skipped_nonfinite += 1
-                log.warning("skipped batch %d of epoch %d: non-finite loss of %s", progress.batch, epoch, bad)
+            stepped = train_step(run, batch, progress)
+            if stepped is None:  # skipped: a non-finite loss under trainer.on_nonfinite=skip
                 continue
-            if bad:
-                raise UserError(f"the loss of task {bad[0]!r} is {losses[bad[0]].item()} at step {progress.step + 1} "
-                                f"(epoch {epoch}); lower optim.lr, check the data, or set trainer.on_nonfinite=skip; "
-                                f"the last good checkpoint is kept")
-            optimizer.zero_grad(set_to_none=True)
-            if getattr(weighting, "combines_gradients", False):
-                weighting.backward(losses, model)  # per-task gradients -> one combined update in .grad
-            else:
-                scaler.scale(total).backward()
-            if cfg.trainer.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                               cfg.trainer.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            progress.step += 1
+            total, losses = stepped
             seen += len(batch["index"])
             rate = seen / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{total.item():.4f}", samples_per_s=f"{rate:.0f}")
@@ -183,7 +155,7 @@ def fit(model, weighting, optimizer, scheduler, scaler, loaders: dict, tasks: li
                 logged = mean_across_ranks({"total": total.item(), **{t: l.item() for t, l in losses.items()}}, rank)
                 metrics_log.write(step=progress.step, epoch=epoch, split="train", loss=logged["total"],
                                   **{task: {"loss": logged[task]} for task in losses},
-                                  weights=weighting.weights(), lr=scheduler.get_last_lr()[0], samples_per_s=rate)
+                                  weights=weighting.weights(), lr=run.scheduler.get_last_lr()[0], samples_per_s=rate)
             if stop_requested():
                 save("last", progress)
                 raise Stop()
@@ -192,7 +164,8 @@ def fit(model, weighting, optimizer, scheduler, scaler, loaders: dict, tasks: li
         bar.close()
         weighting.end_epoch()
 
-        val_metrics, _ = evaluate(model, loaders["val"], tasks, wanted, device, precision, rank)
+        val_metrics, _ = evaluate(model, run.loaders["val"], run.data.tasks, wanted_metrics(cfg), run.device,
+                                  cfg.device.precision, rank)
         metrics_log.write(step=progress.step, epoch=epoch, split="val", **val_metrics)
         value = monitored({"val": val_metrics}, cfg.trainer.monitor)
         log.info("epoch %d/%d  step %d  train loss %s  val %s  %s=%.4f", epoch, cfg.trainer.epochs, progress.step,
@@ -205,6 +178,69 @@ def fit(model, weighting, optimizer, scheduler, scaler, loaders: dict, tasks: li
         if stop_requested():
             raise Stop()
     return progress
+
+
+def train_step(run, batch: dict, progress: Progress) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """One optimizer step on `batch`: forward, per-task masked losses, the weighting's combination, backward (or the
+    weighting's own per-task-gradient backward), clipping, step. Returns the total and per-task losses, or None when
+    a non-finite loss made it skip the batch (trainer.on_nonfinite=skip); stops the run on one otherwise."""
+    cfg, model, weighting, optimizer, scaler = run.cfg, run.model, run.weighting, run.optimizer, run.scaler
+    batch = to_device(batch, run.device)
+    with autocast(run.device, cfg.device.precision):
+        logits = run.forward(batch)
+        losses = {task.name: masked_task_loss(task.type, logits[task.name], batch["targets"][task.name],
+                                              batch["target_mask"][task.name]) for task in run.data.tasks}
+        total = weighting(losses, shared=model.last_shared_parameters())
+    progress.batch += 1
+    bad = [task for task, loss in losses.items() if not torch.isfinite(loss)]
+    if bad and cfg.trainer.on_nonfinite == "skip":
+        progress.skipped_nonfinite += 1
+        log.warning("skipped batch %d of epoch %d: non-finite loss of %s", progress.batch, progress.epoch, bad)
+        return None
+    if bad:
+        raise UserError(f"the loss of task {bad[0]!r} is {losses[bad[0]].item()} at step {progress.step + 1} "
+                        f"(epoch {progress.epoch}); lower optim.lr, check the data, or set trainer.on_nonfinite=skip; "
+                        f"the last good checkpoint is kept")
+    optimizer.zero_grad(set_to_none=True)
+    if getattr(weighting, "combines_gradients", False):
+        weighting.backward(losses, model)  # per-task gradients -> one combined update in .grad
+    else:
+        scaler.scale(total).backward()
+    if cfg.trainer.grad_clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.trainer.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    run.scheduler.step()
+    progress.step += 1
+    return total, losses
+
+
+def wanted_metrics(cfg) -> dict[str, list[str]]:
+    return {name: list(task.metrics) for name, task in cfg.tasks.items()}
+
+
+class StopSignal:
+    """SIGTERM / SIGINT (preemption, Ctrl-C): note it, let the step finish, then checkpoint and stop."""
+
+    def __init__(self):
+        self.name = None
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread (e.g. some notebook runners): no graceful stop there
+                pass
+
+    def handle(self, signum, frame) -> None:
+        self.name = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        return self.name is not None
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def brief(metrics: dict[str, dict]) -> str:

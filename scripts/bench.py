@@ -17,16 +17,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
 
-from mtmm.build import build_data, build_loader, build_model, build_optimizer, build_scheduler, build_weighting
-from mtmm.feature_cache import feature_caches
-from mtmm.image_cache import attach_image_caches
-from mtmm.loop import Progress, fit, to_device
+from mtmm.loop import Progress, fit, to_device, train_step
 from mtmm.records import MetricsLog
+from mtmm.run import Run
+from mtmm.run import setup as setup_run
 from mtmm.tasks import masked_task_loss
 
 CACHE = Path(os.environ.get("MTMM_CACHE", Path(tempfile.gettempdir()) / "mtmm-bench"))
@@ -39,44 +39,35 @@ def config(*overrides):
                                            "device=cpu", "trainer.progress=false", *overrides])
 
 
-def setup(cfg):
-    """What mtmm-train builds before its loop, caches included (train and val splits)."""
-    torch.manual_seed(0)
-    data = build_data(cfg, splits=("train", "val"))
-    model = build_model(cfg, data.tasks, data.tokenizer)
-    cached = feature_caches(cfg, model, data, CPU) if cfg.trainer.feature_cache else {}
-    attach_image_caches(cfg, data, data.datasets, CPU, features=cached)
-    loader, val_loader = (build_loader(cfg, data, split, cached=cached.get(split)) for split in ("train", "val"))
-    weighting = build_weighting(cfg)
-    optimizer = build_optimizer(cfg, model, weighting)
-    scheduler = build_scheduler(cfg, optimizer, total_steps=20 * len(loader))  # every epoch a bench runs
-    return data, loader, model, weighting, optimizer, scheduler, val_loader
+def setup(cfg) -> Run:
+    """What mtmm-train builds before its loop, caches included (train and val splits), its schedule spanning every
+    epoch a bench runs."""
+    cfg.trainer.epochs = 20
+    return setup_run(cfg, splits=("train", "val"))
 
 
-def mtmm_epoch(cfg, parts, validate: bool = False) -> float:
+def mtmm_epoch(cfg, run: Run, validate: bool = False) -> float:
     """Seconds of one epoch of mtmm's own loop (fit): training, and validation on the whole split if `validate`
     (else on one sample); checkpoints are not written."""
-    data, loader, model, weighting, optimizer, scheduler, val_loader = parts
+    loaders = dict(run.loaders)
     if not validate:
-        val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data.datasets["val"], [0]),
-                                                 collate_fn=loader.collate_fn)
+        loaders["val"] = torch.utils.data.DataLoader(torch.utils.data.Subset(run.data.datasets["val"], [0]),
+                                                     collate_fn=loaders["train"].collate_fn)
     cfg.trainer.epochs = 1
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    wanted = {name: list(task.metrics) for name, task in cfg.tasks.items()}
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        fit(model, weighting, optimizer, scheduler, scaler, {"train": loader, "val": val_loader}, data.tasks, wanted,
-            cfg, CPU, MetricsLog(Path(folder) / "metrics.jsonl"), lambda tag, progress: None, Progress())
+        fit(replace(run, loaders=loaders), MetricsLog(Path(folder) / "metrics.jsonl"), lambda tag, progress: None,
+            Progress())
         return time.perf_counter() - started
 
 
-def plain_epoch(cfg, parts, wait: list | None = None) -> float:
+def plain_epoch(cfg, run: Run, wait: list | None = None) -> float:
     """The same epoch as a minimal hand-written PyTorch loop; `wait` collects the seconds spent waiting for data."""
-    data, loader, model, weighting, optimizer, scheduler, _ = parts
-    types = {task.name: task.type for task in data.tasks}
+    types = {task.name: task.type for task in run.data.tasks}
+    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     model.train()
     started = time.perf_counter()
-    batches = iter(loader)
+    batches = iter(run.loaders["train"])
     while True:
         asked = time.perf_counter()
         batch = next(batches, None)
@@ -104,7 +95,7 @@ def bench_overhead(quick: bool) -> dict:
         plain_times.append(plain_epoch(cfg, parts))
     # The fastest epoch of each: other work on the machine only ever adds time, and a 5% target is within the
     # spread of medians of three epochs on a shared 2-core machine (0.98-1.12 in five runs).
-    samples = len(parts[1].dataset)
+    samples = len(parts.loaders["train"].dataset)
     return {"mtmm_samples_per_s": samples / min(mtmm_times), "plain_samples_per_s": samples / min(plain_times),
             "overhead_ratio": min(mtmm_times) / min(plain_times),
             "overhead_ratio_of_medians": statistics.median(mtmm_times) / statistics.median(plain_times)}
@@ -127,7 +118,7 @@ def bench_data_wait(quick: bool) -> dict:
             epochs[name].append((plain_epoch(cfg, parts[name], wait), sum(wait)))
     result = {}
     for name, times in epochs.items():
-        result[name] = {"num_workers": parts[name][1].num_workers,
+        result[name] = {"num_workers": parts[name].loaders["train"].num_workers,
                         "epoch_s": statistics.median(total for total, _ in times),
                         "data_wait_share": statistics.median(waited / total for total, waited in times)}
     return result
@@ -198,24 +189,13 @@ def bench_weighting(quick: bool) -> dict:
         for method in methods:
             cfg = config("tasks=none", *tasks, f"loss={method}", "data.source.train=400",
                          "trainer.monitor=val/mean/accuracy")
-            parts = setup(cfg)
-            data, loader, model, weighting, optimizer, *_ = parts
-            batches = [batch for _, batch in zip(range(steps + 2), loader)]
-            types = {task.name: task.type for task in data.tasks}
-            model.train()
-            times = []
+            run = setup(cfg)
+            batches = [batch for _, batch in zip(range(steps + 2), run.loaders["train"])]
+            run.model.train()
+            progress, times = Progress(), []
             for batch in batches:
                 started = time.perf_counter()
-                logits = model(batch)
-                losses = {t: masked_task_loss(types[t], logits[t], batch["targets"][t], batch["target_mask"][t])
-                          for t in types}
-                total = weighting(losses, shared=model.last_shared_parameters())
-                optimizer.zero_grad(set_to_none=True)
-                if getattr(weighting, "combines_gradients", False):
-                    weighting.backward(losses, model)
-                else:
-                    total.backward()
-                optimizer.step()
+                train_step(run, batch, progress)
                 times.append(time.perf_counter() - started)
             per_step[method] = statistics.median(times[2:])  # after two warm-up steps
         result[f"{count}_tasks"] = {method: t / per_step["static"] for method, t in per_step.items()}

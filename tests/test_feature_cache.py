@@ -18,7 +18,8 @@ from mtmm.eval import evaluate_checkpoint
 from mtmm.feature_cache import cache_paths, feature_caches
 from mtmm.models.image import SmallCNN
 from mtmm.models.text import HFTextEncoder
-from mtmm.train import StopSignal, train
+from mtmm.loop import StopSignal
+from mtmm.train import train
 
 FROZEN = ["encoder.image.freeze=true", "encoder.text.freeze=true", "encoder.image.channels=[8,8,16]",
           "encoder.text.hidden_size=32", "encoder.text.intermediate_size=64", "mtl.hidden=[32]"]

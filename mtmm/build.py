@@ -1,7 +1,7 @@
 """Config -> objects, one component at a time: data, model, optimizer, scheduler, loss weighting."""
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -11,9 +11,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from mtmm.data.collate import finish_batch
-from mtmm.data.dataset import ManifestDataset, TaskSpec, no_labels, parse_target
+from mtmm.data.dataset import ManifestDataset
 from mtmm.data.images import ImageTransform
-from mtmm.data.readers import FILE, LINE, source_of
 from mtmm.data.sampler import EpochShuffle
 from mtmm.data.tokenizer import tokenizer_from_files, tokenizer_to_files
 from mtmm.data.workers import loader_workers, worker_options
@@ -22,11 +21,7 @@ from mtmm.feature_cache import SkipModalities
 from mtmm.models.image import weights_preset
 from mtmm.models.mlp import mlp
 from mtmm.models.model import MultiTaskModel
-from mtmm.tasks import TASK_TYPES, output_size
-
-METRICS = {"multiclass": ("accuracy", "macro_f1"), "binary": ("accuracy", "f1", "auroc"),
-           "multilabel": ("micro_f1", "macro_f1", "map"), "regression": ("mae", "rmse", "r2")}
-
+from mtmm.tasks import TaskSpec, build_tasks, check_tasks, output_size
 
 def instantiate(node: DictConfig, **kwargs):
     """hydra.utils.instantiate, but a UserError raised while building comes out as itself: Hydra would wrap it
@@ -44,84 +39,6 @@ def instantiate(node: DictConfig, **kwargs):
 
 def has_encoder(cfg: DictConfig, modality: str) -> bool:
     return cfg.encoder[modality].get("_target_") is not None
-
-
-def check_tasks(cfg: DictConfig) -> None:
-    """Task types, class lists and metric names, checked before anything expensive happens."""
-    if not cfg.tasks:
-        raise UserError("no task is configured; choose a preset such as tasks=img+txt")
-    for name, task in cfg.tasks.items():
-        if task.type not in TASK_TYPES:
-            raise UserError(f"tasks.{name}.type={task.type!r} is not known; use one of {', '.join(TASK_TYPES)}")
-        classes = task.get("classes")
-        if classes is not None and task.type != "regression" and (
-                len(classes) < 2 or (task.type == "binary" and len(classes) != 2)):
-            raise UserError(f"tasks.{name}.classes={list(classes)}: a {task.type} task needs "
-                            f"{'exactly 2' if task.type == 'binary' else 'at least 2'} classes")
-        unknown = set(task.metrics) - set(METRICS[task.type])
-        if unknown:
-            raise UserError(f"tasks.{name}.metrics: {sorted(unknown)} not available for a {task.type} task; "
-                            f"choose from {list(METRICS[task.type])}")
-
-
-def build_tasks(cfg: DictConfig, train_records: list[dict] | None, saved: dict | None = None) -> list[TaskSpec]:
-    """TaskSpecs with their class names and regression statistics: from the config, else from a checkpoint
-    (`saved`), else learnt from the training records (sorted class names; mean and std of the targets)."""
-    check_tasks(cfg)
-    specs = []
-    for name, task in cfg.tasks.items():
-        spec = TaskSpec(name=name, type=task.type, target=task.target, delimiter=task.get("delimiter", "|"))
-        if saved is not None:
-            spec = replace(spec, classes=tuple(saved["classes"][name]), mean=saved["stats"][name][0],
-                           std=saved["stats"][name][1])
-        elif task.type == "regression":
-            if task.get("standardize", False):
-                spec = replace(spec, **target_statistics(spec, train_records))
-        elif task.get("classes") is not None:
-            spec = replace(spec, classes=tuple(str(c) for c in task.classes))
-        else:
-            spec = replace(spec, classes=infer_classes(spec, train_records))
-        specs.append(spec)
-    return specs
-
-
-def infer_classes(task: TaskSpec, records: list[dict]) -> tuple[str, ...]:
-    """The class (or label) names seen in the training split, sorted (numerically when they are all integers)."""
-    names = set()
-    for record in records:
-        value = record.get(task.target)
-        if value is None or value == "":
-            continue
-        if task.type == "multilabel":
-            parts = value if isinstance(value, list) else str(value).split(task.delimiter)
-            names.update(str(part).strip() for part in parts if str(part).strip())
-        else:
-            names.add(str(int(value)) if isinstance(value, bool) else str(value))
-    if not names:
-        raise no_labels(task, records)  # which file lacks the column, or has it empty
-    if all(name.lstrip("-").isdigit() for name in names):
-        ordered = tuple(sorted(names, key=int))
-    else:
-        ordered = tuple(sorted(names))
-    need = 2 if task.type != "multilabel" else 1
-    if len(ordered) < need or (task.type == "binary" and len(ordered) != 2):
-        raise UserError(f"{source_of(records)}: task {task.name!r} has only the labels {list(ordered)} in column "
-                        f"{task.target!r} of the training rows; a {task.type} task needs "
-                        f"{'exactly 2' if task.type == 'binary' else need} (or set tasks.{task.name}.classes)")
-    return ordered
-
-
-def target_statistics(task: TaskSpec, records: list[dict]) -> dict:
-    """Mean and std of a regression target over the training split (what standardisation divides by)."""
-    values = [parse_target(task, record.get(task.target), f"{record.get(FILE) or 'training split'}, line "
-                                                         f"{record.get(LINE)}, column {task.target!r}")
-              for record in records]
-    values = [v for v in values if v is not None]
-    if not values:
-        raise no_labels(task, records)
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
-    return {"mean": mean, "std": std if std > 0 else 1.0}
 
 
 @dataclass

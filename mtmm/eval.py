@@ -56,18 +56,17 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Pa
         raise UserError(f"checkpoint {checkpoint}: its weights do not fit the model its config describes "
                         f"({str(error).splitlines()[0]})") from None
     model.to(torch_device)
-    wanted = {name: list(task.metrics) for name, task in cfg.tasks.items()}
     # The training run's file when it can be read here; made now only for the many passes of robustness.
     attach_image_caches(cfg, data, [split], torch_device, make=robustness)
     loader = build_loader(cfg, data, split, device=torch_device)
-    metrics, outputs = evaluate(model, loader, data.tasks, wanted, torch_device, precision)
+    metrics, outputs = evaluate(model, loader, data.tasks, torch_device, precision)
 
     claim(run_dir, "eval")
     write_json(run_dir / "metrics.json", {"checkpoint": str(Path(checkpoint).resolve()), "epoch": state["epoch"],
                                           "step": state["step"], "split": split, "metrics": metrics})
     write_predictions(run_dir / "predictions.jsonl", outputs, data)
     if robustness:
-        result = evaluate_robustness(model, cfg, data, split, torch_device, precision, wanted, levels=tuple(levels))
+        result = evaluate_robustness(model, cfg, data, split, torch_device, precision, levels=tuple(levels))
         write_json(run_dir / "robustness.json", {"checkpoint": str(Path(checkpoint).resolve()), "split": split, **result})
         plot_curves(result, run_dir / "robustness.png")
         print(f"robustness: {run_dir / 'robustness.json'} and robustness.png")

@@ -9,12 +9,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from mtmm.data.dataset import TaskSpec
 from mtmm.device import autocast
 from mtmm.distributed import Rank, gather, mean_across_ranks
 from mtmm.errors import UserError
 from mtmm.metrics import mean_over_tasks, task_metrics
-from mtmm.tasks import masked_task_loss
+from mtmm.tasks import TaskSpec, masked_task_loss
 
 log = logging.getLogger("mtmm")
 
@@ -64,7 +63,7 @@ def predict(model, loader, device: torch.device, precision: str, stop_requested=
     )
 
 
-def score(outputs: Outputs, tasks: list[TaskSpec], wanted: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+def score(outputs: Outputs, tasks: list[TaskSpec]) -> dict[str, dict[str, float]]:
     """Per-task metrics over the labelled samples (plus the count and the loss), and their mean over tasks."""
     metrics = {}
     for task in tasks:
@@ -74,7 +73,7 @@ def score(outputs: Outputs, tasks: list[TaskSpec], wanted: dict[str, list[str]])
             logits, targets = logits * task.std + task.mean, targets * task.std + task.mean
         values = task_metrics(task.type, logits.squeeze(-1) if task.type in ("binary", "regression") else logits,
                               targets)
-        metrics[task.name] = {name: values[name] for name in wanted[task.name]}
+        metrics[task.name] = {name: values[name] for name in task.metrics}
         metrics[task.name]["loss"] = masked_task_loss(task.type, outputs.logits[task.name], outputs.targets[task.name],
                                                       mask).item()
         metrics[task.name]["count"] = int(mask.sum())
@@ -83,12 +82,12 @@ def score(outputs: Outputs, tasks: list[TaskSpec], wanted: dict[str, list[str]])
     return metrics
 
 
-def evaluate(model, loader, tasks, wanted, device, precision, rank: Rank = Rank(),
+def evaluate(model, loader, tasks: list[TaskSpec], device, precision, rank: Rank = Rank(),
              stop_requested=lambda: False) -> tuple[dict, Outputs]:
     """Metrics of a split; under distributed training every rank predicts its share and all ranks score the whole.
     A stop asked for on the way (SIGTERM, Ctrl-C) raises Stop."""
     outputs = merge(gather(predict(model, loader, device, precision, stop_requested), rank))
-    return score(outputs, tasks, wanted), outputs
+    return score(outputs, tasks), outputs
 
 
 def merge(parts: list[Outputs]) -> Outputs:
@@ -164,8 +163,7 @@ def fit(run, metrics_log, save, progress: Progress, stop_requested=lambda: False
         bar.close()
         weighting.end_epoch()
 
-        val_metrics, _ = evaluate(model, run.loaders["val"], run.data.tasks, wanted_metrics(cfg), run.device,
-                                  cfg.device.precision, rank)
+        val_metrics, _ = evaluate(model, run.loaders["val"], run.data.tasks, run.device, cfg.device.precision, rank)
         metrics_log.write(step=progress.step, epoch=epoch, split="val", **val_metrics)
         value = monitored({"val": val_metrics}, cfg.trainer.monitor)
         log.info("epoch %d/%d  step %d  train loss %s  val %s  %s=%.4f", epoch, cfg.trainer.epochs, progress.step,
@@ -214,10 +212,6 @@ def train_step(run, batch: dict, progress: Progress) -> tuple[torch.Tensor, dict
     run.scheduler.step()
     progress.step += 1
     return total, losses
-
-
-def wanted_metrics(cfg) -> dict[str, list[str]]:
-    return {name: list(task.metrics) for name, task in cfg.tasks.items()}
 
 
 class StopSignal:

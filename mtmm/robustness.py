@@ -114,8 +114,7 @@ def stable_seed(*parts) -> int:
 
 
 @torch.no_grad()
-def evaluate_robustness(model, cfg, data, split: str, device, precision: str, wanted: dict[str, list[str]],
-                        levels=LEVELS, seed: int = 0) -> dict:
+def evaluate_robustness(model, cfg, data, split: str, device, precision: str, levels=LEVELS, seed: int = 0) -> dict:
     """Metrics of `split` ({task: {metric: value}}, as mtmm.loop.score gives them) clean, with each of the model's
     modalities removed ("missing"), and per corruption of those modalities and level, with each curve's
     normalised area ("auc") and that area over the clean value ("relative"); "primary" names each task's first
@@ -132,7 +131,7 @@ def evaluate_robustness(model, cfg, data, split: str, device, precision: str, wa
     def metrics(change=None) -> dict:
         """Score the split with every batch passed through `change(batch, batch_number)` first."""
         batches = loader if change is None else (change(batch, n) for n, batch in enumerate(loader))
-        return score(predict(model, batches, device, precision), data.tasks, wanted)
+        return score(predict(model, batches, device, precision), data.tasks)
 
     def without(modality):
         return lambda batch, n: {**batch, "present": {**batch["present"], modality: torch.zeros_like(
@@ -153,7 +152,7 @@ def evaluate_robustness(model, cfg, data, split: str, device, precision: str, wa
 
     clean = metrics()
     result = {"clean": clean, "missing": {m: metrics(without(m)) for m in modalities}, "corruptions": {},
-              "primary": {name: task.metrics[0] for name, task in cfg.tasks.items()}}
+              "primary": {task.name: task.metrics[0] for task in data.tasks}}
     kinds = [(kind, noisy_images) for kind in IMAGE_CORRUPTIONS if "image" in modalities]
     kinds += [(kind, noisy_texts) for kind in TEXT_CORRUPTIONS if "text" in modalities]
     for kind, corrupted in kinds:

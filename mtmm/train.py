@@ -18,7 +18,7 @@ from mtmm.build import instantiate
 from mtmm.checkpoint import CheckpointWriter, load_checkpoint, restore
 from mtmm.device import resolve_device
 from mtmm.errors import UserError, exit_with
-from mtmm.loop import Progress, Stop, StopSignal, evaluate, fit, wanted_metrics
+from mtmm.loop import Progress, Stop, StopSignal, evaluate, fit
 from mtmm.records import MetricsLog, truncate_jsonl, write_json
 from mtmm.resume import claim_before_hydra, resume_target, resumed_config
 from mtmm.run import Run, setup
@@ -110,8 +110,8 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
             if tag == "best":
                 distributed.barrier(rank)  # rank 0 may still be writing best.pt
                 job.model.load_state_dict(load_checkpoint(job.paths["best"])["model"])
-            test[tag] = evaluate(job.model, job.loaders["test"], job.data.tasks, wanted_metrics(cfg), job.device,
-                                 cfg.device.precision, rank, stop.requested)[0]
+            test[tag] = evaluate(job.model, job.loaders["test"], job.data.tasks, job.device, cfg.device.precision, rank,
+                                 stop.requested)[0]
             metrics_log.write(step=None, epoch=None, split="test", checkpoint=tag, **test[tag])
     except Stop:
         raise UserError(f"stopped by {stop.name} at step {progress.step} (epoch {progress.epoch}); the checkpoint "

@@ -16,7 +16,8 @@ from torch import nn
 
 from mtmm.cache_cli import human, main, size_of
 from mtmm.data import shapes
-from mtmm.data.dataset import ManifestDataset, TaskSpec
+from mtmm.data.dataset import ManifestDataset
+from mtmm.tasks import TaskSpec
 from mtmm.data.images import ImageTransform
 from mtmm.data.readers import read_manifest
 from mtmm.data.shapes import SHAPES, TEMP_PREFIX, prepare_shapes

@@ -10,7 +10,8 @@ from PIL import Image
 
 from mtmm.build import build_data
 from mtmm.data.collate import pad_token_ids
-from mtmm.data.dataset import ManifestDataset, TaskSpec, parse_target
+from mtmm.data.dataset import ManifestDataset
+from mtmm.tasks import TaskSpec, parse_target
 from mtmm.data.images import ImageTransform
 from mtmm.data.readers import read_manifest as read_jsonl
 from mtmm.errors import UserError

@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from mtmm.data.dataset import ManifestDataset, TaskSpec
+from mtmm.data.dataset import ManifestDataset
+from mtmm.tasks import TaskSpec
 from mtmm.data.images import ImageTransform
 from mtmm.data.readers import read_manifest
 from mtmm.errors import UserError

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtmm.build import infer_classes, target_statistics
-from mtmm.data.dataset import ManifestDataset, TaskSpec, check_columns
+from mtmm.tasks import infer_classes, target_statistics
+from mtmm.data.dataset import ManifestDataset, check_columns
+from mtmm.tasks import TaskSpec
 from mtmm.data.images import ImageTransform, to_rgb
 from mtmm.data.readers import read_manifest
 from mtmm.data.sources import manifest

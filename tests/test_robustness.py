@@ -184,9 +184,8 @@ def trained(shapes_cache, tmp_path_factory):
     run = tmp_path_factory.mktemp("robust-run")
     train(compose_cfg(shapes_cache, "tasks=txt", *SMALL_TEXT), run_dir=run)
     cfg, data, model = restore(run / "checkpoints" / "best.pt")
-    wanted = {name: list(task.metrics) for name, task in cfg.tasks.items()}
-    result = evaluate_robustness(model, cfg, data, "test", torch.device("cpu"), "fp32", wanted)
-    return {"run": run, "cfg": cfg, "data": data, "model": model, "wanted": wanted, "result": result}
+    result = evaluate_robustness(model, cfg, data, "test", torch.device("cpu"), "fp32")
+    return {"run": run, "cfg": cfg, "data": data, "model": model, "result": result}
 
 
 def test_level_0_reproduces_the_clean_metrics_and_those_recorded_at_training(trained):
@@ -215,21 +214,18 @@ def test_missing_modalities_and_dropped_words_hurt_the_text_task(trained):
 
 def test_same_seed_same_metrics_whichever_levels_are_asked_for(trained):
     t = trained
-    again = evaluate_robustness(t["model"], t["cfg"], t["data"], "test", torch.device("cpu"), "fp32", t["wanted"],
-                                levels=(0.0, 0.6))
+    again = evaluate_robustness(t["model"], t["cfg"], t["data"], "test", torch.device("cpu"), "fp32", levels=(0.0, 0.6))
     for kind, curve in again["corruptions"].items():
         assert curve["metrics"][1] == t["result"]["corruptions"][kind]["metrics"][3], kind
     with pytest.raises(UserError, match="ascending"):
-        evaluate_robustness(t["model"], t["cfg"], t["data"], "test", torch.device("cpu"), "fp32", t["wanted"],
-                            levels=(0.5, 0.0))
+        evaluate_robustness(t["model"], t["cfg"], t["data"], "test", torch.device("cpu"), "fp32", levels=(0.5, 0.0))
 
 
 def test_only_the_modalities_the_model_has(shapes_cache):
     cfg = compose_cfg(shapes_cache, "tasks=txt", "encoder/text=none")
     data = build_data(cfg, splits=("test",))
     model = build_model(cfg, data.tasks, data.tokenizer)
-    result = evaluate_robustness(model, cfg, data, "test", torch.device("cpu"), "fp32", {"txt": ["accuracy"]},
-                                 levels=(0.0, 1.0))
+    result = evaluate_robustness(model, cfg, data, "test", torch.device("cpu"), "fp32", levels=(0.0, 1.0))
     assert set(result["missing"]) == {"image"} and set(result["corruptions"]) == {"gaussian_noise", "blur"}
 
 

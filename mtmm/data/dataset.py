@@ -5,9 +5,7 @@ starts, so bad input fails early with the file, line, column and value; images a
 """
 
 import logging
-import math
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,63 +13,11 @@ from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from mtmm.data.images import TURNED, ImageTransform, open_image, orientation
-from mtmm.data.readers import LINE, columns_of, source_of
+from mtmm.data.readers import LINE, columns_of
 from mtmm.errors import UserError
+from mtmm.tasks import TaskSpec, parse_target, placeholder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What the data side needs to know about one task."""
-
-    name: str
-    type: str  # multiclass | binary | multilabel | regression
-    target: str  # manifest column
-    classes: tuple[str, ...] = ()  # class (or label) names in index order; empty for regression
-    delimiter: str = "|"  # multilabel cells given as one string: "drama|comedy"
-    mean: float = 0.0  # regression targets are standardised as (y - mean) / std for training
-    std: float = 1.0
-
-
-def parse_target(task: TaskSpec, value, where: str):
-    """A raw cell -> the training target (class index, multi-hot list or standardised float); None = no label."""
-    if value is None or value == "":
-        return None
-    if task.type == "regression":
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{where}: {value!r} is not a number (task {task.name!r} is a regression)") from None
-        if not math.isfinite(number):
-            raise UserError(f"{where}: regression target {value!r} of task {task.name!r} is not finite; "
-                            f"leave the cell empty for 'no label'")
-        return (number - task.mean) / task.std
-    if task.type == "multilabel":
-        names = value if isinstance(value, list) else [part.strip() for part in str(value).split(task.delimiter)]
-        hot = [0.0] * len(task.classes)
-        for name in names:
-            if name == "":
-                continue
-            hot[class_index(task, name, where)] = 1.0
-        return hot
-    return class_index(task, value, where)
-
-
-def class_index(task: TaskSpec, value, where: str) -> int:
-    """A class name, an integer or an integer-valued string -> the class index."""
-    if isinstance(value, bool):
-        value = int(value)
-    if isinstance(value, str) and value in task.classes:
-        return task.classes.index(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if isinstance(value, int):
-        if 0 <= value < len(task.classes):
-            return value
-        raise UserError(f"{where}: label {value} of task {task.name!r} is out of range 0..{len(task.classes) - 1}")
-    raise UserError(f"{where}: label {value!r} of task {task.name!r} is not one of its classes {list(task.classes)} "
-                    f"(or an index 0..{len(task.classes) - 1})")
 
 
 class ManifestDataset(Dataset):
@@ -222,10 +168,6 @@ def different_sizes(where: str, path, size, expected, whose: str) -> str:
             f"and crop them all to one size")
 
 
-def placeholder(task: TaskSpec):
-    return [0.0] * len(task.classes) if task.type == "multilabel" else 0.0 if task.type == "regression" else 0
-
-
 def check_columns(records: list[dict], manifest: Path, tasks: list[TaskSpec], images: bool, texts: bool) -> None:
     """A column that no row has is a configuration error, not a missing value: say which columns exist."""
     present = columns_of(records)
@@ -243,13 +185,3 @@ def check_image_root(records: list[dict], manifest: Path, image_root: Path) -> N
     if relative and not image_root.is_dir():
         raise UserError(f"{manifest}: the image folder {image_root} does not exist (the relative image paths start "
                         f"there; set data.source.image_root)")
-
-
-def no_labels(task: TaskSpec, records: list[dict]) -> UserError:
-    """The training records give a task nothing to learn from: say which file lacks the column or the labels."""
-    where, present = source_of(records), columns_of(records)
-    if task.target not in present:
-        return UserError(f"{where}: no column {task.target!r} (the target of task {task.name!r}; set "
-                         f"tasks.{task.name}.target); the file has {sorted(present)}")
-    return UserError(f"{where}: no row has a label in column {task.target!r} (the target of task {task.name!r}); "
-                     f"every cell of it is empty")

@@ -17,7 +17,7 @@ from mtmm.data.sampler import EpochShuffle
 from mtmm.data.tokenizer import tokenizer_from_files, tokenizer_to_files
 from mtmm.data.workers import loader_workers, worker_options
 from mtmm.errors import UserError
-from mtmm.feature_cache import SkipModalities
+from mtmm.cache.features import SkipModalities
 from mtmm.models.image import weights_preset
 from mtmm.models.mlp import mlp
 from mtmm.models.model import MultiTaskModel
@@ -103,7 +103,7 @@ def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device:
                  rank: int = 0, world_size: int = 1, cached: dict | None = None) -> DataLoader:
     """Training draws its order from EpochShuffle (seeded by epoch: part of the run's determinism and of exact
     resumption); evaluation keeps the file order. With world_size > 1 each rank gets its share of the batch.
-    `cached` (modality -> this split's cached encoder outputs, see feature_cache.py): those inputs are not loaded."""
+    `cached` (modality -> this split's cached encoder outputs, see cache/features.py): those inputs are not loaded."""
     training = split == "train"
     split_data = data.datasets[split]
     dataset = SkipModalities(split_data, cached) if cached else split_data

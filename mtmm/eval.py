@@ -16,7 +16,7 @@ from mtmm.build import build_data, build_loader, build_model
 from mtmm.checkpoint import load_checkpoint
 from mtmm.device import resolve_device
 from mtmm.errors import UserError, exit_with
-from mtmm.image_cache import attach_image_caches
+from mtmm.cache.images import attach_image_caches
 from mtmm.loop import Outputs, evaluate
 from mtmm.records import clean, write_json
 from mtmm.robustness import LEVELS, evaluate_robustness, plot_curves

@@ -17,8 +17,8 @@ from mtmm.build import (Data, build_data, build_loader, build_model, build_optim
 from mtmm.device import resolve_device
 from mtmm.distributed import Rank
 from mtmm.errors import UserError
-from mtmm.feature_cache import feature_caches
-from mtmm.image_cache import attach_image_caches
+from mtmm.cache.features import feature_caches
+from mtmm.cache.images import attach_image_caches
 from mtmm.models.model import MultiTaskModel
 
 log = logging.getLogger("mtmm")

@@ -14,15 +14,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from mtmm.cache_cli import human, main, size_of
+from mtmm.cache.cli import human, main, size_of
 from mtmm.data import shapes
 from mtmm.data.dataset import ManifestDataset
 from mtmm.tasks import TaskSpec
 from mtmm.data.images import ImageTransform
 from mtmm.data.readers import read_manifest
 from mtmm.data.shapes import SHAPES, TEMP_PREFIX, prepare_shapes
-from mtmm.feature_cache import feature_caches
-from mtmm.image_cache import attach_image_caches
+from mtmm.cache.features import feature_caches
+from mtmm.cache.images import attach_image_caches
 from mtmm.models.image import SmallCNN
 
 DAY = 86400

@@ -15,7 +15,7 @@ from mtmm.build import build_data, build_model
 from mtmm.data.dataset import ManifestDataset
 from mtmm.errors import UserError
 from mtmm.eval import evaluate_checkpoint
-from mtmm.feature_cache import cache_paths, feature_caches
+from mtmm.cache.features import cache_paths, feature_caches
 from mtmm.models.image import SmallCNN
 from mtmm.models.text import HFTextEncoder
 from mtmm.loop import StopSignal

@@ -21,7 +21,7 @@ from mtmm.data.images import ImageTransform
 from mtmm.data.readers import read_manifest
 from mtmm.errors import UserError
 from mtmm.eval import evaluate_checkpoint
-from mtmm.image_cache import HEADER_BYTES, attach_image_caches
+from mtmm.cache.images import HEADER_BYTES, attach_image_caches
 from mtmm.train import train
 
 SHAPE = TaskSpec(name="img", type="multiclass", target="shape", classes=("circle", "square", "star"))

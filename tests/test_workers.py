@@ -10,7 +10,7 @@ import torch
 
 from mtmm.data.workers import MAX_AUTO_WORKERS, loader_workers, worker_options
 from mtmm.errors import UserError
-from mtmm.image_cache import attach_image_caches
+from mtmm.cache.images import attach_image_caches
 
 GPU, CPU = torch.device("cuda"), torch.device("cpu")  # only their type is read: nothing runs on them
 

@@ -76,7 +76,7 @@ class ManifestDataset(Dataset):
             self.present["image"] = torch.tensor([path is not None for path in self.image_paths])
         if tokenizer is not None:
             self.present["text"] = torch.tensor(self.has_text)
-        self.image_store = None  # the split's decoded images, when image_cache.py made them (else decoded per batch)
+        self.image_store = None  # the split's decoded images, when cache/images.py made them (else decoded per batch)
 
     def check(self, record: dict, line: int, image_root: Path, check_images: bool) -> dict:
         """One record -> its parsed sample, or a UserError naming the file, line, column and value."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from mtmm.cache_cli import mark_used
+from mtmm.cache.keys import mark_used
 
 log = logging.getLogger(__name__)
 

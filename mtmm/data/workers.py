@@ -4,7 +4,9 @@ import multiprocessing
 import os
 
 import torch
+from torch.utils.data import DataLoader
 
+from mtmm.data.collate import finish_batch
 from mtmm.errors import UserError
 
 MAX_AUTO_WORKERS = 8
@@ -37,3 +39,11 @@ def worker_options(workers: int) -> dict:
         return {"num_workers": 0}
     platform_default = multiprocessing.get_all_start_methods()[0]
     return {"num_workers": workers, "multiprocessing_context": multiprocessing.get_context(platform_default)}
+
+
+def file_order_loader(dataset, batch_size: int, workers: int) -> DataLoader:
+    """The split in file order, batched as training batches it (what the caches are built from). Its own generator:
+    a loader without one draws its seed from the global RNG, which would shift dropout, and the run that made a
+    cache would then differ from the runs that reuse it."""
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=finish_batch, generator=torch.Generator(),
+                      **worker_options(workers))

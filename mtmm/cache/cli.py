@@ -33,14 +33,6 @@ LEFTOVERS = {".shapes-tmp-*": rf"\.shapes-tmp-{RANDOM}",
 DAY = 86400.0
 
 
-def mark_used(path: Path) -> None:
-    """Called by a run that reuses a cache entry: `prune` removes entries by the time they were last used."""
-    try:
-        os.utime(path)
-    except OSError:  # a read-only cache folder: it cannot be pruned from here either
-        pass
-
-
 def default_root() -> Path:
     return Path(os.environ.get("MTMM_CACHE", "~/.cache/mtmm")).expanduser()
 
@@ -64,14 +56,14 @@ def is_mtmm_entry(kind: str, path: Path) -> bool:
     """Whether `path` has the name mtmm gives an entry of this kind and the mark its writer puts in it."""
     if path.is_symlink() or not re.fullmatch(NAMES[kind], path.name):
         return False
-    # Imported here: they import torch (seconds), and import mark_used from this module.
+    # Imported here: they import torch (seconds), which listing an empty cache needs not.
     if kind == "dataset":
         from mtmm.data.shapes import is_generated
         return is_generated(path)
     if kind == "images":
-        from mtmm.image_cache import is_cache_file
+        from mtmm.cache.images import is_cache_file
         return is_cache_file(path)
-    from mtmm.feature_cache import is_cache_file
+    from mtmm.cache.features import is_cache_file
     return is_cache_file(path)
 
 

@@ -10,7 +10,6 @@ after the encoder, so they work on cached features as on live ones.
 """
 
 import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,14 +17,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from mtmm import distributed
-from mtmm.cache_cli import mark_used
+from mtmm.cache.keys import mark_used, samples_digest
 from mtmm.checkpoint import save_atomically
-from mtmm.data.collate import finish_batch
 from mtmm.data.dataset import ManifestDataset
-from mtmm.data.workers import loader_workers, worker_options
+from mtmm.data.workers import file_order_loader, loader_workers
 from mtmm.loop import to_device
 from mtmm.models.features import Features
 
@@ -112,27 +110,6 @@ def weights_digest(encoder: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def samples_digest(dataset: ManifestDataset, modality: str, pad: int) -> str:
-    """sha256 of the encoder's inputs on this split, in order: image files (path, size, mtime) and the transform,
-    or the token ids themselves (which cover the texts, the tokenizer and max_length)."""
-    if modality == "image":
-        files = [None if path is None else [str(path), file_stamp(path)] for path in dataset.image_paths]
-        inputs = {"transform": repr(dataset.transform), "images": files}
-    else:
-        inputs = {"pad_id": pad, "input_ids": dataset.input_ids, "has_text": dataset.has_text}
-    return hashlib.sha256(json.dumps({"ids": dataset.ids, **inputs}).encode()).hexdigest()
-
-
-def file_stamp(path: Path) -> tuple[int, int] | None:
-    """(size, mtime) of an image file; None for a missing one (data.check_images=false let it through: decoding it
-    then fails, naming the manifest line)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_size, stat.st_mtime_ns
-
-
 def pad_id(data) -> int:
     return data.tokenizer.pad_token_id if data.tokenizer is not None else 0
 
@@ -160,9 +137,7 @@ def compute_features(encoders: dict[str, nn.Module], dataset: ManifestDataset, b
     """Run `encoders` over the split in file order, batched through the training data path (same transform, same
     tokens), in eval mode and float32; tokens are padded to the split's longest sequence."""
     others = {"image", "text"} - set(encoders)  # inputs not needed now: not decoded
-    # Its own generator: a loader without one draws its seed from the global RNG, which would shift dropout.
-    loader = DataLoader(SkipModalities(dataset, others), batch_size=batch_size, collate_fn=finish_batch,
-                        generator=torch.Generator(), **worker_options(num_workers))
+    loader = file_order_loader(SkipModalities(dataset, others), batch_size, num_workers)
     modes = {modality: encoder.training for modality, encoder in encoders.items()}
     parts = {modality: [] for modality in encoders}
     try:

@@ -21,16 +21,13 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
 from mtmm import distributed
-from mtmm.cache_cli import mark_used
+from mtmm.cache.keys import mark_used, samples_digest
 from mtmm.checkpoint import write_atomically
-from mtmm.data.collate import finish_batch
 from mtmm.data.dataset import ManifestDataset, different_sizes
-from mtmm.data.workers import loader_workers, worker_options
+from mtmm.data.workers import file_order_loader, loader_workers
 from mtmm.errors import UserError
-from mtmm.feature_cache import samples_digest
 
 log = logging.getLogger("mtmm")
 
@@ -169,10 +166,7 @@ def build(dataset: ManifestDataset, path: Path, shape, split: str, batch_size: i
     if path.exists():
         log.warning("image cache: %s is incomplete or not ours; making it again", path)
     started = time.perf_counter()
-    # Its own generator: a loader without one draws its seed from the global RNG, which would shift dropout, and
-    # the run that made the cache would differ from the runs that reuse it.
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=finish_batch, generator=torch.Generator(),
-                        **worker_options(workers))
+    loader = file_order_loader(dataset, batch_size, workers)
 
     def write(file) -> None:
         file.write(header(shape))

@@ -1,11 +1,13 @@
 """Config -> objects, one component at a time: data, model, optimizer, scheduler, loss weighting."""
 
+import inspect
 import math
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from hydra.errors import InstantiationException
+from hydra.utils import get_method
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -185,4 +187,15 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_ste
 
 
 def build_weighting(cfg: DictConfig) -> torch.nn.Module:
-    return instantiate(cfg.loss, task_weights={name: float(task.weight) for name, task in cfg.tasks.items()})
+    """The loss weighting of conf/loss/*.yaml; an option it does not take is refused now, naming those it takes."""
+    try:
+        return instantiate(cfg.loss, task_weights={name: float(task.weight) for name, task in cfg.tasks.items()})
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):
+            target = get_method(cfg.loss._target_)
+            known = [name for name in inspect.signature(target).parameters if name not in ("self", "task_weights")]
+            unknown = str(cause).rsplit("argument", 1)[-1].strip(" '")
+            raise UserError(f"loss.{unknown} is not an option of loss={cfg.loss.get('method', cfg.loss._target_)}; "
+                            f"it takes {known}") from None
+        raise

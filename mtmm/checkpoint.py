@@ -43,10 +43,11 @@ class CheckpointWriter:
         if not self.run.rank.main:
             return
         now = asdict(progress)
-        # Only a step changes the weights, so the same progress means the same contents (best.pt, then last.pt, at
-        # the end of an improving epoch): one file under two names, not a second serialisation.
-        if tag == "last" and self.written.get("best") == now:
-            link_atomically(self.run.paths["best"], self.run.paths["last"])
+        # Only a step changes the weights, so the same progress means the same contents (best.pt, best-<task>.pt,
+        # then last.pt, at the end of an improving epoch): one file under several names, not a second serialisation.
+        twin = next((other for other, held in self.written.items() if held == now and other != tag), None)
+        if twin is not None:
+            link_atomically(self.run.paths[twin], self.run.paths[tag])
         else:
             save_checkpoint({**self.static, **training_state(self.run, progress), "records": self.records.lines},
                             self.run.paths[tag])

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from mtmm import conflict
 from mtmm.device import autocast
 from mtmm.distributed import Rank, gather, mean_across_ranks
 from mtmm.errors import UserError
@@ -120,15 +121,36 @@ class Progress:
     batch: int = 0  # batches of that epoch already trained on
     step: int = 0  # optimizer steps so far
     best: dict = field(default_factory=lambda: {"epoch": None, "value": None, "val": None})
+    best_per_task: dict = field(default_factory=dict)  # task -> {"epoch", "metric", "value", "val"} of its best epoch
+    conflicts: dict = field(default_factory=dict)  # task pair -> running totals of gradient conflict (conflict.py)
     last_val: dict | None = None  # validation metrics of the last finished epoch
     skipped_nonfinite: int = 0  # batches skipped for a non-finite loss (trainer.on_nonfinite=skip)
+
+
+LOWER_IS_BETTER = ("loss", "mae", "rmse")
+
+
+def improved_tasks(tasks: list[TaskSpec], val_metrics: dict, progress: Progress, epoch: int) -> list[str]:
+    """The tasks whose own headline metric (their first configured one) is the best so far this epoch; their entry
+    in progress.best_per_task is updated."""
+    better = []
+    for task in tasks:
+        metric = task.metrics[0] if task.metrics else "loss"
+        value = val_metrics[task.name][metric]
+        mode = "min" if metric in LOWER_IS_BETTER else "max"
+        if improved(value, progress.best_per_task.get(task.name, {}).get("value"), mode):
+            progress.best_per_task[task.name] = {"epoch": epoch, "metric": metric, "value": value,
+                                                 "val": val_metrics[task.name]}
+            better.append(task.name)
+    return better
 
 
 def fit(run, metrics_log, save, progress: Progress, stop_requested=lambda: False) -> Progress:
     """Train `run` (see run.py) from `progress` to the end of cfg.trainer.epochs, validating after every epoch.
 
     `save(tag, progress)` writes checkpoints/<tag>.pt: "last" every cfg.trainer.checkpoint_every steps and at every
-    epoch end, "best" when the monitored metric improves. When `stop_requested()` turns true, the current step
+    epoch end, "best" when the monitored metric improves, and with cfg.trainer.keep_best_per_task "best-<task>" when
+    that task's own first metric does. When `stop_requested()` turns true, the current step
     finishes, "last" is written and Stop is raised. Under distributed training only rank 0 writes (save and
     metrics_log are no-ops elsewhere).
     """
@@ -146,7 +168,9 @@ def fit(run, metrics_log, save, progress: Progress, stop_requested=lambda: False
             stepped = train_step(run, batch, progress)
             if stepped is None:  # skipped: a non-finite loss under trainer.on_nonfinite=skip
                 continue
-            total, losses = stepped
+            total, losses, measured = stepped
+            if measured is not None:
+                metrics_log.write(step=progress.step, epoch=epoch, split="conflict", **measured)
             seen += len(batch["index"])
             rate = seen / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{total.item():.4f}", samples_per_s=f"{rate:.0f}")
@@ -169,26 +193,30 @@ def fit(run, metrics_log, save, progress: Progress, stop_requested=lambda: False
         log.info("epoch %d/%d  step %d  train loss %s  val %s  %s=%.4f", epoch, cfg.trainer.epochs, progress.step,
                  f"{total.item():.4f}" if total is not None else "-", brief(val_metrics), cfg.trainer.monitor, value)
         progress.epoch, progress.batch, progress.last_val = epoch + 1, 0, val_metrics
+        better = improved_tasks(run.data.tasks, val_metrics, progress, epoch)  # before any save: one state for all
         if improved(value, progress.best["value"], cfg.trainer.monitor_mode):
             progress.best = {"epoch": epoch, "value": value, "val": val_metrics}
             save("best", progress)
+        for task in better if cfg.trainer.get("keep_best_per_task") else ():
+            save(f"best-{task}", progress)
         save("last", progress)  # after best.pt: a crash in between redoes nothing that last.pt says is done
         if stop_requested():
             raise Stop()
     return progress
 
 
-def train_step(run, batch: dict, progress: Progress) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+def train_step(run, batch: dict, progress: Progress) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict | None] | None:
     """One optimizer step on `batch`: forward, per-task masked losses, the weighting's combination, backward (or the
-    weighting's own per-task-gradient backward), clipping, step. Returns the total and per-task losses, or None when
-    a non-finite loss made it skip the batch (trainer.on_nonfinite=skip); stops the run on one otherwise."""
+    weighting's own per-task-gradient backward), clipping, step. Returns the total and per-task losses, and on every
+    trainer.log_conflict_every-th step the tasks' gradient norms and cosines (conflict.py); or None when a non-finite
+    loss made it skip the batch (trainer.on_nonfinite=skip); stops the run on one otherwise."""
     cfg, model, weighting, optimizer, scaler = run.cfg, run.model, run.weighting, run.optimizer, run.scaler
     batch = to_device(batch, run.device)
     with autocast(run.device, cfg.device.precision):
         logits = run.forward(batch)
         losses = {task.name: masked_task_loss(task.type, logits[task.name], batch["targets"][task.name],
                                               batch["target_mask"][task.name]) for task in run.data.tasks}
-        total = weighting(losses, shared=model.last_shared_parameters())
+        total = weighting(losses, shared=model.last_shared_parameters() if weighting.needs_shared_parameters else None)
     progress.batch += 1
     bad = [task for task, loss in losses.items() if not torch.isfinite(loss)]
     if bad and cfg.trainer.on_nonfinite == "skip":
@@ -199,8 +227,13 @@ def train_step(run, batch: dict, progress: Progress) -> tuple[torch.Tensor, dict
         raise UserError(f"the loss of task {bad[0]!r} is {losses[bad[0]].item()} at step {progress.step + 1} "
                         f"(epoch {progress.epoch}); lower optim.lr, check the data, or set trainer.on_nonfinite=skip; "
                         f"the last good checkpoint is kept")
+    measured = None
+    every = cfg.trainer.get("log_conflict_every") or 0
+    if every and (progress.step + 1) % every == 0:
+        measured = conflict.measure(losses, model, cfg.trainer.get("conflict_on", "parameters"))
+        conflict.tally(progress.conflicts, measured)
     optimizer.zero_grad(set_to_none=True)
-    if getattr(weighting, "combines_gradients", False):
+    if weighting.combines_gradients:
         weighting.backward(losses, model)  # per-task gradients -> one combined update in .grad
     else:
         scaler.scale(total).backward()
@@ -211,7 +244,7 @@ def train_step(run, batch: dict, progress: Progress) -> tuple[torch.Tensor, dict
     scaler.update()
     run.scheduler.step()
     progress.step += 1
-    return total, losses
+    return total, losses, measured
 
 
 class StopSignal:

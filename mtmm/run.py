@@ -5,6 +5,7 @@ mtmm-train, scripts/bench.py and tests build a run the same way, so what they me
 
 import logging
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from mtmm.errors import UserError
 from mtmm.cache.features import feature_caches
 from mtmm.cache.images import attach_image_caches
 from mtmm.models.model import MultiTaskModel
+from mtmm.weighting.protocol import Weighting, check_weighting
 
 log = logging.getLogger("mtmm")
 
@@ -32,7 +34,7 @@ class Run:
     data: Data
     model: MultiTaskModel
     forward: torch.nn.Module  # what a step calls: the model, or its DistributedDataParallel / compiled wrapper
-    weighting: torch.nn.Module
+    weighting: Weighting  # an nn.Module (mtmm/weighting/protocol.py)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -79,23 +81,14 @@ def setup(cfg: DictConfig, resume: dict | None = None, rank: Rank = Rank(), run_
     log.info("%d parameters (%d trainable); splits %s", sum(p.numel() for p in model.parameters()),
              sum(p.numel() for p in model.parameters() if p.requires_grad),
              {split: len(dataset) for split, dataset in data.datasets.items()})
-    paths = {tag: run_dir / "checkpoints" / f"{tag}.pt" for tag in ("last", "best")} if run_dir else {}
+    tags = ["last", "best"] + ([f"best-{task.name}" for task in data.tasks] if cfg.trainer.get("keep_best_per_task") else [])
+    paths = {tag: run_dir / "checkpoints" / f"{tag}.pt" for tag in tags} if run_dir else {}
     return Run(cfg, device, rank, data, model, forward, weighting, optimizer, scheduler, scaler, loaders, paths)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def check_weighting(cfg: DictConfig, weighting, rank: Rank) -> None:
-    gradient_based = getattr(weighting, "combines_gradients", False) or type(weighting).__name__ == "GradNorm"
-    if getattr(weighting, "combines_gradients", False) and cfg.device.precision == "fp16":
-        raise UserError(f"loss={cfg.loss.method} combines per-task gradients, which fp16's loss scaling would distort; "
-                        f"use device.precision=bf16 or fp32")
-    if gradient_based and rank.world_size > 1:
-        raise UserError("gradient-based loss weighting (pcgrad, cagrad, mgda, imtl, aligned_mtl, nash_mtl, gradnorm) "
-                        "takes per-task gradients, which DistributedDataParallel does not average; use one process")
 
 
 def check_monitor(cfg: DictConfig) -> None:
@@ -107,5 +100,15 @@ def check_monitor(cfg: DictConfig) -> None:
     if len(parts) != 3 or cfg.trainer.monitor not in choices:
         raise UserError(f"trainer.monitor={cfg.trainer.monitor!r} is not a validation metric of this run; "
                         f"choose one of {choices}")
+    if cfg.trainer.get("keep_best_per_task"):
+        for task in cfg.tasks:
+            if not re.fullmatch(r"[A-Za-z0-9_.+-]+", task) or task.startswith("."):
+                raise UserError(f"trainer.keep_best_per_task names files checkpoints/best-<task>.pt: task {task!r} "
+                                f"needs a name of letters, digits, _ . + - only")
+    if cfg.trainer.get("conflict_on", "parameters") not in ("parameters", "representation"):
+        raise UserError(f"trainer.conflict_on={cfg.trainer.conflict_on!r}; use parameters or representation")
+    every = cfg.trainer.get("log_conflict_every") or 0
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise UserError(f"trainer.log_conflict_every={every!r}; use a whole number of steps (0: off)")
     if cfg.trainer.monitor_mode not in ("max", "min"):
         raise UserError(f"trainer.monitor_mode={cfg.trainer.monitor_mode!r}; use max or min")

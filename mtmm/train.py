@@ -12,7 +12,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mtmm import distributed
+from mtmm import conflict, distributed
 from mtmm.atomic import write_text_atomically
 from mtmm.build import instantiate
 from mtmm.checkpoint import CheckpointWriter, load_checkpoint, restore
@@ -127,6 +127,8 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
     log.info("best epoch %d (%s=%.4f); test of best.pt: %s", best["epoch"], cfg.trainer.monitor, best["value"],
              ", ".join(f"{task} {name} {value:.4f}" for task, values in test["best"].items() if task != "mean"
                        for name, value in values.items() if name not in ("loss", "count")))
+    for line in conflict.describe(conflict.summarise(progress.conflicts)):
+        log.info("gradient conflict: %s", line)
     log.info("run folder: %s", run_dir)
     return best["value"]
 
@@ -137,6 +139,9 @@ def summary(job: Run, progress: Progress, test: dict, skipped: dict, seconds: fl
     return {
         "monitor": job.cfg.trainer.monitor, "monitor_value": best["value"],
         "best": {"epoch": best["epoch"], "val": best["val"], "test": test["best"]},
+        "best_per_task": {task: {**entry, **({"checkpoint": str(job.paths[f"best-{task}"])}
+                                             if f"best-{task}" in job.paths else {})}
+                          for task, entry in progress.best_per_task.items()},
         "final": {"epoch": job.cfg.trainer.epochs, "val": progress.last_val, "test": test["last"]},
         "checkpoints": {tag: str(path) for tag, path in job.paths.items()},
         "samples": {split: len(dataset) for split, dataset in datasets.items()},
@@ -144,6 +149,7 @@ def summary(job: Run, progress: Progress, test: dict, skipped: dict, seconds: fl
         "labelled_samples": {split: {task: sum(v is not None for v in dataset.targets[task]) for task in dataset.targets}
                              for split, dataset in datasets.items()},
         "skipped_nonfinite_batches": progress.skipped_nonfinite,
+        "gradient_conflict": conflict.summarise(progress.conflicts),
         "wall_time_s": round(seconds, 2),
     }
 

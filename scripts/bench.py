@@ -5,6 +5,7 @@
   (c) share of step time spent waiting for data in the default config                              (target <= 5%)
   (d) peak resident memory of a training run at 10x the dataset size over 1x                       (target <= 1.2)
   (e) time per step of every loss-weighting method relative to static, at 2, 3, 4 and 8 tasks
+  (f) epoch time with gradient-conflict logging every 50 steps over without, three tasks            (target <= 1.1)
 
     python scripts/bench.py [--only a,c] [--quick]
 """
@@ -202,13 +203,29 @@ def bench_weighting(quick: bool) -> dict:
     return result
 
 
+def bench_conflict(quick: bool) -> dict:
+    """trainer.log_conflict_every=50 (K extra backward passes on one step in 50) against off, same model and batches,
+    the epochs alternated; the fastest epoch of each, as in (a)."""
+    size = f"data.source.train={1600 if quick else 6400}"  # 25 or 100 steps: the logged steps are 1 in 50
+    runs = {"off": config(size, "tasks=img+txt+match"),
+            "every_50": config(size, "tasks=img+txt+match", "trainer.log_conflict_every=50")}
+    parts = {name: setup(cfg) for name, cfg in runs.items()}
+    times = {name: [] for name in runs}
+    for _ in range(2 if quick else 4):
+        for name, cfg in runs.items():
+            times[name].append(mtmm_epoch(cfg, parts[name]))
+    return {"off_s": min(times["off"]), "every_50_s": min(times["every_50"]),
+            "ratio": min(times["every_50"]) / min(times["off"])}
+
+
 BENCHES = {"a": ("loop overhead", bench_overhead), "b": ("feature cache", bench_feature_cache),
-           "c": ("data wait", bench_data_wait), "d": ("memory", bench_memory), "e": ("weighting", bench_weighting)}
+           "c": ("data wait", bench_data_wait), "d": ("memory", bench_memory), "e": ("weighting", bench_weighting),
+           "f": ("conflict logging", bench_conflict)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    parser.add_argument("--only", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not the quoted figures)")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())

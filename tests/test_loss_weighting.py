@@ -273,3 +273,25 @@ def test_every_method_instantiates_from_its_config(name, make_cfg):
     assert set(method.weights()) == {"a", "b"}
     cfg = make_cfg(f"loss={name}")  # as mtmm-train composes it, task weights from tasks.<k>.weight
     assert isinstance(build_weighting(cfg), METHODS[name])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss=dwa", "loss.temperature=0"], r"loss.temperature=0 for loss=dwa; use a number > 0"),
+    (["loss=famo", "loss.w_lr=-1"], r"loss.w_lr=-1 for loss=famo"),
+    (["loss=gradnorm", "loss.alpha=-0.5"], r"loss.alpha=-0.5 for loss=gradnorm"),
+    (["loss=dwa", "+loss.temp=3"], r"loss.temp is not an option of loss=.*DWA; it takes \['temperature'\]"),
+])
+def test_bad_loss_options_are_refused_at_start_up_naming_what_is_accepted(overrides, message):
+    from hydra import compose, initialize_config_module
+    from mtmm.errors import UserError
+    with initialize_config_module("mtmm.conf", version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with pytest.raises(UserError, match=message):
+        build_weighting(cfg)
+
+
+def test_every_weighting_declares_the_protocol_flags():
+    from mtmm.weighting.static import StaticWeighting
+    for method in [StaticWeighting, *METHODS.values()]:
+        assert isinstance(method.combines_gradients, bool) and isinstance(method.needs_shared_parameters, bool)
+    assert GradNorm.needs_shared_parameters and not Uncertainty.needs_shared_parameters

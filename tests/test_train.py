@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -174,3 +175,34 @@ def test_compiled_model_trains_and_saves_plain_checkpoints(make_cfg, tmp_path):
                                   device="cpu")
     assert metrics["img"]["accuracy"] == pytest.approx(summary["best"]["test"]["img"]["accuracy"], abs=1 / 32)
     assert math.isfinite(summary["best"]["test"]["mean"]["loss"])
+
+
+def test_keep_best_per_task_writes_each_tasks_best_epoch_as_hard_links_where_states_match(make_cfg, tmp_path):
+    train(make_cfg("tasks=img+txt", "trainer.epochs=3", "trainer.keep_best_per_task=true"), run_dir=tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["split"] == "val"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    checkpoints = tmp_path / "checkpoints"
+    for task in ("img", "txt"):
+        values = [r[task]["accuracy"] for r in val]
+        best_epoch = values.index(max(values)) + 1  # the first epoch reaching the maximum
+        entry = summary["best_per_task"][task]
+        assert (entry["epoch"], entry["metric"], entry["value"]) == (best_epoch, "accuracy", max(values))
+        assert entry["val"] == val[best_epoch - 1][task]
+        state = torch.load(checkpoints / f"best-{task}.pt", weights_only=True)
+        assert state["progress"]["epoch"] == best_epoch + 1 and state["metrics"]["val"][task] == entry["val"]
+        assert entry["checkpoint"] == str(checkpoints / f"best-{task}.pt")
+        for other in ("best", "last"):  # the same state is one file under several names
+            other_state = torch.load(checkpoints / f"{other}.pt", weights_only=True)
+            assert os.path.samefile(checkpoints / f"best-{task}.pt", checkpoints / f"{other}.pt") == (
+                other_state["progress"] == state["progress"])
+
+
+def test_keep_best_per_task_refuses_a_task_name_that_is_no_file_name(make_cfg, tmp_path):
+    from omegaconf import open_dict
+    cfg = make_cfg("tasks=img", "trainer.keep_best_per_task=true")
+    with open_dict(cfg):
+        cfg.tasks["../img"] = cfg.tasks.pop("img")  # a task file's key can hold what an override cannot
+    with pytest.raises(UserError, match=r"task '\.\./img' needs a name of letters"):
+        train(cfg, run_dir=tmp_path)
+    assert not (tmp_path / "checkpoints").exists()

@@ -15,6 +15,7 @@ class GradientCombination(nn.Module):
     (heads) get the gradient of sum_k lambda_k L_k, which for a head is just its own task's gradient."""
 
     combines_gradients = True
+    needs_shared_parameters = False  # it takes the gradients on the shared part itself, in backward()
 
     def __init__(self, task_weights: dict[str, float], method: str, on: str = "parameters", options: dict | None = None):
         super().__init__()

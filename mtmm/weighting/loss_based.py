@@ -1,7 +1,8 @@
 """Loss-based adaptive task weighting: Uncertainty, DWA, RLW, FAMO and GradNorm.
 
-Every method has StaticWeighting's interface: `total = weighting(losses, shared)` once per training step (nothing
-changes in eval mode), `weights()` -> {task: current weight} for the log, `end_epoch()` after each training epoch.
+Every method is a Weighting (mtmm/weighting/protocol.py): `total = weighting(losses, shared)` once per training step
+(nothing changes in eval mode), `weights()` -> {task: current weight} for the log, `end_epoch()` after each training
+epoch; only GradNorm reads `shared` (needs_shared_parameters).
 The configured lambda_k (tasks.<k>.weight) multiply each method's own weights, total = sum_k lambda_k w_k L_k, so that
 lambda keeps its meaning ("how much this task matters") on top of the adaptive balance; weights() reports lambda_k w_k.
 
@@ -15,8 +16,18 @@ Shared conventions:
   moments are saved with them, and .to(device) cannot cut them off from an optimizer object.
 """
 
+import math
+
 import torch
 from torch import Tensor, nn
+
+from mtmm.errors import UserError
+
+
+def _check_option(method: str, name: str, value, accepted: str, ok) -> None:
+    """Options are checked when the run starts, not when the first step trips over them."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise UserError(f"loss.{name}={value!r} for loss={method}; use {accepted}")
 
 
 def _task_names(task_weights: dict[str, float]) -> list[str]:
@@ -69,10 +80,14 @@ class Uncertainty(nn.Module):
     s_k moves but not where it goes.
     """
 
+    combines_gradients = False
+    needs_shared_parameters = False
+
     def __init__(self, task_weights: dict[str, float], init_log_variance: float = 0.0):
         super().__init__()
         self.tasks = _task_names(task_weights)
         _lambdas(self, self.tasks, task_weights)
+        _check_option("uncertainty", "init_log_variance", init_log_variance, "a finite number", math.isfinite)
         self.log_var = nn.Parameter(torch.full((len(self.tasks),), float(init_log_variance)))
 
     def forward(self, losses: dict[str, Tensor], shared: list[Tensor] | None = None) -> Tensor:
@@ -96,10 +111,14 @@ class DWA(nn.Module):
     of the next epoch; weights() are the ones in use this epoch.
     """
 
+    combines_gradients = False
+    needs_shared_parameters = False
+
     def __init__(self, task_weights: dict[str, float], temperature: float = 2.0):
         super().__init__()
         self.tasks = _task_names(task_weights)
         _lambdas(self, self.tasks, task_weights)
+        _check_option("dwa", "temperature", temperature, "a number > 0", lambda v: v > 0)
         self.temperature = float(temperature)
         k = len(self.tasks)
         self.register_buffer("history", torch.zeros(2, k))  # epoch-mean losses of the epochs t-1 (row 0) and t-2
@@ -145,6 +164,9 @@ class RLW(nn.Module):
     expected weights 1/K. weights() are the last drawn ones (1/K before the first step).
     """
 
+    combines_gradients = False
+    needs_shared_parameters = False
+
     def __init__(self, task_weights: dict[str, float]):
         super().__init__()
         self.tasks = _task_names(task_weights)
@@ -184,10 +206,16 @@ class FAMO(nn.Module):
     loss in a step's gradient is lambda_k w_k, which also depends on that step's losses.
     """
 
+    combines_gradients = False
+    needs_shared_parameters = False
+
     def __init__(self, task_weights: dict[str, float], w_lr: float = 0.025, gamma: float = 0.001, eps: float = 1e-8):
         super().__init__()
         self.tasks = _task_names(task_weights)
         _lambdas(self, self.tasks, task_weights)
+        _check_option("famo", "w_lr", w_lr, "a number > 0", lambda v: v > 0)
+        _check_option("famo", "gamma", gamma, "a number >= 0", lambda v: v >= 0)
+        _check_option("famo", "eps", eps, "a number > 0", lambda v: v > 0)
         self.w_lr, self.gamma, self.eps = float(w_lr), float(gamma), float(eps)
         k = len(self.tasks)
         self.register_buffer("logits", torch.zeros(k))
@@ -236,10 +264,15 @@ class GradNorm(nn.Module):
     Costs one extra backward per task down to W (retain_graph), which is why W is the last shared layer only.
     """
 
+    combines_gradients = False
+    needs_shared_parameters = True  # the last shared layer's parameters, whose gradient norms it balances
+
     def __init__(self, task_weights: dict[str, float], alpha: float = 1.5, lr: float = 0.025):
         super().__init__()
         self.tasks = _task_names(task_weights)
         _lambdas(self, self.tasks, task_weights)
+        _check_option("gradnorm", "alpha", alpha, "a number >= 0", lambda v: v >= 0)
+        _check_option("gradnorm", "lr", lr, "a number > 0", lambda v: v > 0)
         self.alpha, self.lr = float(alpha), float(lr)
         k = len(self.tasks)
         self.register_buffer("w", torch.ones(k))

@@ -6,7 +6,10 @@ from torch import nn
 
 class StaticWeighting(nn.Module):
     """Fixed task weights lambda_k (tasks.<k>.weight). A module, like the adaptive methods, so that the loop treats
-    every weighting the same way: weighted_losses -> total."""
+    every weighting the same way (mtmm/weighting/protocol.py)."""
+
+    combines_gradients = False
+    needs_shared_parameters = False
 
     def __init__(self, task_weights: dict[str, float]):
         super().__init__()

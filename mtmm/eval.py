@@ -3,7 +3,6 @@ metrics.json and per-sample predictions.jsonl to this evaluation's own run folde
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -12,16 +11,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mtmm.build import build_data, build_loader, build_model
-from mtmm.checkpoint import load_checkpoint
+from mtmm.api import open_checkpoint, predicted, restore_model
+from mtmm.build import build_data, build_loader
 from mtmm.device import resolve_device
 from mtmm.errors import UserError, exit_with
 from mtmm.cache.images import attach_image_caches
 from mtmm.loop import Outputs, evaluate
 from mtmm.records import clean, write_json
 from mtmm.robustness import LEVELS, evaluate_robustness, plot_curves
-from mtmm.run_folder import claim, discard_if_only_hydra, refuse_foreign
-from mtmm.trust import check_saved_data, own_cache_dirs, trusted_config, use_own_cache_dirs
+from mtmm.run_folder import claim, discard_if_only_hydra, start_command
+from mtmm.trust import own_cache_dirs, use_own_cache_dirs
 
 log = logging.getLogger("mtmm")
 STARTED = time.time()  # imported before Hydra makes the evaluation folder
@@ -39,9 +38,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Pa
     if split not in ("train", "val", "test"):
         raise UserError(f"split={split!r}; use test, val or train")
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
-    state = load_checkpoint(checkpoint)
-    cfg = trusted_config(state.get("config"), f"checkpoint {checkpoint}", trusted_targets)
-    check_saved_data(state, cfg, f"checkpoint {checkpoint}")
+    state, cfg = open_checkpoint(checkpoint, trusted_targets)
     use_own_cache_dirs(cfg, own_cache_dirs(cache_dir))
     if batch_size is not None:
         cfg.data.eval_batch_size = batch_size
@@ -49,13 +46,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Pa
     torch_device = resolve_device(device)
 
     data = build_data(cfg, splits=(split,), saved=state["data"], origin=f"checkpoint {checkpoint}")
-    model = build_model(cfg, data.tasks, data.tokenizer, restoring=True, saved_text_config=state.get("text_config"))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise UserError(f"checkpoint {checkpoint}: its weights do not fit the model its config describes "
-                        f"({str(error).splitlines()[0]})") from None
-    model.to(torch_device)
+    model = restore_model(state, cfg, data.tasks, data.tokenizer, checkpoint).to(torch_device)
     # The training run's file when it can be read here; made now only for the many passes of robustness.
     attach_image_caches(cfg, data, [split], torch_device, make=robustness)
     loader = build_loader(cfg, data, split, device=torch_device)
@@ -91,22 +82,16 @@ def write_predictions(path: Path, outputs: Outputs, data) -> None:
 
 
 def describe(task, logits: torch.Tensor, target: torch.Tensor, labelled: bool) -> dict:
-    if task.type == "regression":
-        unscale = lambda value: value * task.std + task.mean  # noqa: E731 - back to the target's units
-        return {"target": unscale(float(target)) if labelled else None, "prediction": unscale(float(logits[0]))}
-    if task.type == "multilabel":
-        probabilities = torch.sigmoid(logits).tolist()
-        return {"target": [name for name, on in zip(task.classes, target.tolist()) if on > 0.5] if labelled else None,
-                "prediction": [name for name, p in zip(task.classes, probabilities) if p > 0.5],
-                "probabilities": [round(p, 6) for p in probabilities]}
-    if task.type == "binary":
-        positive = torch.sigmoid(logits[0]).item()
-        probabilities = [1 - positive, positive]
+    """The sample's target for the task (None when it has no label), beside what the model predicts (api.predicted)."""
+    if not labelled:
+        truth = None
+    elif task.type == "regression":
+        truth = float(target) * task.std + task.mean  # back to the target's units
+    elif task.type == "multilabel":
+        truth = [name for name, on in zip(task.classes, target.tolist()) if on > 0.5]
     else:
-        probabilities = torch.softmax(logits, dim=-1).tolist()
-    predicted = max(range(len(probabilities)), key=probabilities.__getitem__)
-    return {"target": task.classes[int(target)] if labelled else None, "prediction": task.classes[predicted],
-            "probabilities": [round(p, 6) for p in probabilities]}
+        truth = task.classes[int(target)]
+    return {"target": truth, **predicted(task, logits)}
 
 
 @hydra.main(version_base="1.3", config_path="pkg://mtmm.conf", config_name="eval")
@@ -122,13 +107,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    given = dict(argument.split("=", 1) for argument in sys.argv[1:] if argument.startswith("hydra.run.dir="))
-    try:  # before Hydra writes its files into a folder given on the command line: may mtmm use it?
-        if given and "${" not in given["hydra.run.dir"]:
-            refuse_foreign(Path(given["hydra.run.dir"]).expanduser())
-    except UserError as error:
-        exit_with(error)
-    hydra_main()
+    start_command(hydra_main)
 
 
 if __name__ == "__main__":

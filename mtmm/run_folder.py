@@ -11,12 +11,13 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
-from mtmm.errors import UserError
+from mtmm.errors import UserError, exit_with
 
 MARKER = ".mtmm-run"
-HYDRA_FILES = frozenset({".hydra", "train.log", "eval.log"})
+HYDRA_FILES = frozenset({".hydra", "train.log", "eval.log", "predict.log"})
 # What a training run writes: a folder holding one of these holds a run (with or without a checkpoint yet).
 RUN_FILES = ("config.yaml", "checkpoints", "metrics.jsonl")
 
@@ -24,7 +25,7 @@ _held: dict[Path, object] = {}  # run folder -> the open marker file whose lock 
 
 
 def claim(folder: Path, kind: str = "train", resuming: bool = False) -> None:
-    """Make `folder` this process's `kind` ("train" or "eval") folder, or stop with one line saying why not: it holds
+    """Make `folder` this process's `kind` ("train", "eval" or "predict") folder, or stop with one line saying why not: it holds
     files mtmm did not write, it already holds a run (unless `resuming` it), or another process is using it.
     Removes the temp files of writes that a kill interrupted. Held until `release` or the end of the process."""
     folder = Path(folder).resolve()  # one key per folder, however it was spelled (a second lock would block)
@@ -48,8 +49,8 @@ def claim(folder: Path, kind: str = "train", resuming: bool = False) -> None:
         if kind == "train" and not resuming and any(name in names for name in RUN_FILES):
             raise UserError(f"{folder} already holds a run; mtmm never overwrites one. Continue it with "
                             f"resume={folder}, or pick another folder with hydra.run.dir=...")
-        if kind == "eval" and "metrics.json" in names:
-            raise UserError(f"{folder} already holds an evaluation; pick another folder with hydra.run.dir=...")
+        if (kind == "eval" and "metrics.json" in names) or (kind == "predict" and "predictions.csv" in names):
+            raise UserError(f"{folder} already holds an mtmm {kind} run; pick another folder with hydra.run.dir=...")
     except UserError:
         marker.close()
         raise
@@ -73,6 +74,22 @@ def refuse_foreign(folder: Path) -> set[str]:
                         f"{', ...' if len(foreign) > 5 else ''}); mtmm never writes into such a folder. Pick a new "
                         f"or empty one with hydra.run.dir=...")
     return names
+
+
+def refuse_foreign_run_dir_argument(argv: list[str]) -> None:
+    """Before Hydra writes its files into a folder named with hydra.run.dir= on the command line: may mtmm use it?"""
+    for argument in argv[1:]:
+        if argument.startswith("hydra.run.dir=") and "${" not in argument:
+            refuse_foreign(Path(argument.split("=", 1)[1]).expanduser())
+
+
+def start_command(hydra_main) -> None:
+    """The body of a command's main(): check a hydra.run.dir= folder first, then let Hydra run the command."""
+    try:
+        refuse_foreign_run_dir_argument(sys.argv)
+    except UserError as error:
+        exit_with(error)
+    hydra_main()
 
 
 def discard_if_only_hydra(folder: Path, since: float) -> None:

@@ -32,3 +32,12 @@ def make_cfg(shapes_cache):
             return compose("train", overrides=[f"data.source.cache_dir={shapes_cache}", *TINY, *overrides])
 
     return make
+
+
+def train_tiny(folder, *overrides: str):
+    """Train a tiny model in-process into folder/run (data generated under folder/data); returns its best.pt."""
+    from mtmm.train import train
+    with initialize_config_module("mtmm.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"data.source.cache_dir={folder / 'data'}", *TINY, *overrides])
+    train(cfg, run_dir=folder / "run")
+    return folder / "run" / "checkpoints" / "best.pt"

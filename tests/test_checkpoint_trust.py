@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
-from hydra import compose, initialize_config_module
+from conftest import train_tiny
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
 from mtmm.errors import UserError
 from mtmm.eval import evaluate_checkpoint
-from mtmm.train import train
 from mtmm.trust import shipped_targets, trusted_config
 
 BIN = Path(sys.executable).parent
@@ -28,11 +26,7 @@ SMALL = ["encoder.text.hidden_size=16", "encoder.text.intermediate_size=32", "tr
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny real checkpoint; each test crafts a hostile copy of it."""
-    folder = tmp_path_factory.mktemp("trained")
-    with initialize_config_module("mtmm.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"data.source.cache_dir={folder / 'data'}", *TINY, *SMALL])
-    train(cfg, run_dir=folder / "run")
-    return folder / "run" / "checkpoints" / "best.pt"
+    return train_tiny(tmp_path_factory.mktemp("trained"), *SMALL)
 
 
 def crafted(trained: Path, folder: Path, edit_config=None, edit_state=None) -> Path:

@@ -50,6 +50,7 @@ def predicted(task: TaskSpec, logits: torch.Tensor) -> dict:
     units."""
     if task.type == "regression":
         return {"prediction": float(logits[0]) * task.std + task.mean}
+    logits = logits / task.temperature
     if task.type == "multilabel":
         probabilities = torch.sigmoid(logits).tolist()
         return {"prediction": [name for name, p in zip(task.classes, probabilities) if p > 0.5],

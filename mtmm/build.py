@@ -53,7 +53,8 @@ class Data:
         """What a checkpoint needs to rebuild this data side: label names, regression statistics, tokenizer."""
         state = {"classes": {task.name: list(task.classes) for task in self.tasks},
                  "stats": {task.name: [task.mean, task.std] for task in self.tasks},
-                 "skipped": {split: dataset.skipped for split, dataset in self.datasets.items()}}
+                 "skipped": {split: dataset.skipped for split, dataset in self.datasets.items()},
+                 "calibration": {task.name: task.temperature for task in self.tasks if task.temperature != 1.0}}
         if self.tokenizer is not None:
             state["tokenizer_files"] = tokenizer_to_files(self.tokenizer)
         return state

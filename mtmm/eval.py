@@ -4,6 +4,7 @@ metrics.json and per-sample predictions.jsonl to this evaluation's own run folde
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -13,6 +14,8 @@ from omegaconf import DictConfig
 
 from mtmm.api import open_checkpoint, predicted, restore_model
 from mtmm.build import build_data, build_loader
+from mtmm.calibration import fit_temperature
+from mtmm.checkpoint import save_checkpoint
 from mtmm.device import resolve_device
 from mtmm.errors import UserError, exit_with
 from mtmm.cache.images import attach_image_caches
@@ -29,9 +32,12 @@ STARTED = time.time()  # imported before Hydra makes the evaluation folder
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Path | None = None,
                         device: str = "auto", precision: str | None = None, batch_size: int | None = None,
                         robustness: bool = False, levels=LEVELS, trusted_targets=(),
-                        cache_dir: str | Path | None = None) -> dict:
+                        cache_dir: str | Path | None = None, calibrate: bool = False) -> dict:
     """Score `split` with the model in `checkpoint`; returns (and writes) the metrics. With `robustness`, also
-    the metrics with each modality removed and under corruptions of growing strength (robustness.json/.png).
+    the metrics with each modality removed and under corruptions of growing strength (robustness.json/.png). With
+    `calibrate`, one temperature per classification task is fitted on the validation split first, used for the
+    metrics, and stored with the weights in calibrated.pt of the evaluation folder (which mtmm-predict and
+    load_model take); the checkpoint itself is never written.
 
     The checkpoint may come from anyone: its config builds only mtmm's own components (and `trusted_targets`, the
     caller's choice), and the caches it would write to are under `cache_dir` (the caller's), see mtmm/trust.py."""
@@ -45,17 +51,26 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Pa
     precision = precision or cfg.device.precision
     torch_device = resolve_device(device)
 
-    data = build_data(cfg, splits=(split,), saved=state["data"], origin=f"checkpoint {checkpoint}")
+    splits = (split,) + (("val",) if calibrate and split != "val" else ())
+    data = build_data(cfg, splits=splits, saved=state["data"], origin=f"checkpoint {checkpoint}")
     model = restore_model(state, cfg, data.tasks, data.tokenizer, checkpoint).to(torch_device)
     # The training run's file when it can be read here; made now only for the many passes of robustness.
     attach_image_caches(cfg, data, [split], torch_device, make=robustness)
+    temperatures = None
+    if calibrate:
+        temperatures = fit_temperatures(model, cfg, data, torch_device, precision)
+        data.tasks = [replace(task, temperature=temperatures.get(task.name, 1.0)) for task in data.tasks]
     loader = build_loader(cfg, data, split, device=torch_device)
     metrics, outputs = evaluate(model, loader, data.tasks, torch_device, precision)
 
     claim(run_dir, "eval")
     write_json(run_dir / "metrics.json", {"checkpoint": str(Path(checkpoint).resolve()), "epoch": state["epoch"],
-                                          "step": state["step"], "split": split, "metrics": metrics})
+                                          "step": state["step"], "split": split, "metrics": metrics,
+                                          **({"temperatures": temperatures} if temperatures is not None else {})})
     write_predictions(run_dir / "predictions.jsonl", outputs, data)
+    if temperatures is not None:
+        save_checkpoint({**state, "data": {**state["data"], "calibration": temperatures}}, run_dir / "calibrated.pt")
+        print(f"temperatures {temperatures}: {run_dir / 'calibrated.pt'} (use it with mtmm-predict or load_model)")
     if robustness:
         result = evaluate_robustness(model, cfg, data, split, torch_device, precision, levels=tuple(levels))
         write_json(run_dir / "robustness.json", {"checkpoint": str(Path(checkpoint).resolve()), "split": split, **result})
@@ -65,6 +80,14 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", run_dir: Pa
         print(f"{split} {task:>8}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "count"))
     print(f"evaluation folder: {run_dir}")
     return metrics
+
+
+def fit_temperatures(model, cfg, data, device, precision) -> dict[str, float]:
+    """Per classification task, the temperature that minimises the validation split's NLL (calibration.py)."""
+    outputs = evaluate(model, build_loader(cfg, data, "val", device=device), data.tasks, device, precision)[1]
+    return {task.name: fit_temperature(task.type, outputs.logits[task.name][outputs.mask[task.name]],
+                                       outputs.targets[task.name][outputs.mask[task.name]])
+            for task in data.tasks if task.type != "regression"}
 
 
 def write_predictions(path: Path, outputs: Outputs, data) -> None:
@@ -99,7 +122,7 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         evaluate_checkpoint(cfg.checkpoint, split=cfg.split, device=cfg.device.type, precision=cfg.device.precision,
                             batch_size=cfg.batch_size, robustness=cfg.robustness, levels=cfg.robustness_levels,
-                            trusted_targets=cfg.trusted_targets, cache_dir=cfg.cache_dir)
+                            trusted_targets=cfg.trusted_targets, cache_dir=cfg.cache_dir, calibrate=cfg.calibrate)
     except UserError as error:
         # A refused evaluation leaves nothing behind: the folder Hydra made for it held only Hydra's own files.
         discard_if_only_hydra(Path(HydraConfig.get().runtime.output_dir), since=STARTED)

@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from mtmm import conflict
+from mtmm.calibration import calibration_metrics
 from mtmm.device import autocast
 from mtmm.distributed import Rank, gather, mean_across_ranks
 from mtmm.errors import UserError
@@ -72,9 +73,13 @@ def score(outputs: Outputs, tasks: list[TaskSpec]) -> dict[str, dict[str, float]
         logits, targets = outputs.logits[task.name][mask], outputs.targets[task.name][mask]
         if task.type == "regression":  # metrics in the target's own units, not the standardised ones
             logits, targets = logits * task.std + task.mean, targets * task.std + task.mean
+        else:
+            logits = logits / task.temperature
         values = task_metrics(task.type, logits.squeeze(-1) if task.type in ("binary", "regression") else logits,
                               targets)
         metrics[task.name] = {name: values[name] for name in task.metrics}
+        if task.type != "regression":  # how far its probabilities can be trusted, whatever metrics are configured
+            metrics[task.name].update(calibration_metrics(task.type, logits, targets))
         metrics[task.name]["loss"] = masked_task_loss(task.type, outputs.logits[task.name], outputs.targets[task.name],
                                                       mask).item()
         metrics[task.name]["count"] = int(mask.sum())

@@ -28,6 +28,7 @@ class TaskSpec:
     mean: float = 0.0  # regression targets are standardised as (y - mean) / std for training
     std: float = 1.0
     metrics: tuple[str, ...] = ()  # what is reported for it (a subset of METRICS[type])
+    temperature: float = 1.0  # classification logits are divided by it (mtmm-eval calibrate=true fits it)
 
 
 def check_tasks(cfg: DictConfig) -> None:
@@ -58,7 +59,7 @@ def build_tasks(cfg: DictConfig, train_records: list[dict] | None, saved: dict |
                         metrics=tuple(task.metrics))
         if saved is not None:
             spec = replace(spec, classes=tuple(saved["classes"][name]), mean=saved["stats"][name][0],
-                           std=saved["stats"][name][1])
+                           std=saved["stats"][name][1], temperature=(saved.get("calibration") or {}).get(name, 1.0))
         elif task.type == "regression":
             if task.get("standardize", False):
                 spec = replace(spec, **target_statistics(spec, train_records))

@@ -135,6 +135,10 @@ def check_saved_data(state: dict, cfg: DictConfig, source: str) -> None:
             raise UserError(f"{source}: no list of label names for task {task!r} in its data entry")
         if not (isinstance(stats, list) and len(stats) == 2 and all(isinstance(v, (int, float)) for v in stats)):
             raise UserError(f"{source}: no [mean, std] statistics for task {task!r} in its data entry")
+    calibration = data.get("calibration") or {}
+    if not isinstance(calibration, dict) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < float("inf") for t in calibration.values()):
+        raise UserError(f"{source}: its calibration entry is not a mapping of task to a temperature > 0")
     text = OmegaConf.select(cfg, "encoder.text._target_")
     if text is not None and not isinstance(data.get("tokenizer_files"), dict):
         raise UserError(f"{source}: it has a text encoder but no tokenizer files")

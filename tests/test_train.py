@@ -32,8 +32,8 @@ def test_run_folder_contents(make_cfg, tmp_path):
     assert train_records[0]["weights"] == {"img": 1.0, "txt": 1.0, "match": 1.0}
     assert set(train_records[0]) >= {"step", "epoch", "loss", "img", "txt", "match", "lr"}
     assert [r["epoch"] for r in val_records] == [1, 2]
-    assert set(val_records[0]["match"]) == {"accuracy", "f1", "auroc", "loss", "count"}
-    assert set(val_records[0]["img"]) == {"accuracy", "macro_f1", "loss", "count"}
+    assert set(val_records[0]["match"]) == {"accuracy", "f1", "auroc", "loss", "count", "ece", "brier"}
+    assert set(val_records[0]["img"]) == {"accuracy", "macro_f1", "loss", "count", "ece", "brier"}
     assert val_records[0]["img"]["count"] == 32
     assert sorted(r.get("checkpoint") for r in records if r["split"] == "test") == ["best", "last"]
 

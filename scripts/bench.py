@@ -6,6 +6,7 @@
   (d) peak resident memory of a training run at 10x the dataset size over 1x                       (target <= 1.2)
   (e) time per step of every loss-weighting method relative to static, at 2, 3, 4 and 8 tasks
   (f) epoch time with gradient-conflict logging every 50 steps over without, three tasks            (target <= 1.1)
+  (h) mtmm-predict samples/s over the evaluation loop's on the same rows                          (target >= 0.9)
 
     python scripts/bench.py [--only a,c] [--quick]
 """
@@ -218,14 +219,44 @@ def bench_conflict(quick: bool) -> dict:
             "ratio": min(times["every_50"]) / min(times["off"])}
 
 
+def bench_predict(quick: bool) -> dict:
+    """predict_file (what mtmm-predict runs: reading, checking, batching, writing two files) against the evaluation
+    loop (mtmm.loop.evaluate) on the same rows of one trained model, alternated; the fastest of each."""
+    from mtmm.api import load_model
+    from mtmm.build import build_data, build_loader
+    from mtmm.loop import evaluate
+    from mtmm.predict import predict_file
+    from mtmm.train import train
+    size = 1000 if quick else 4000
+    cfg = config("data.source.train=200", f"data.source.test={size}", "trainer.epochs=1")
+    with tempfile.TemporaryDirectory() as folder:
+        train(cfg, run_dir=Path(folder) / "run")
+        model = load_model(Path(folder) / "run" / "checkpoints" / "best.pt", device="cpu")
+        data = build_data(cfg, splits=("test",))
+        loader = build_loader(cfg, data, "test")
+        manifest = data.datasets["test"].manifest  # the rows the loader reads
+        times = {"predict": [], "evaluate": []}
+        for repeat in range(2 if quick else 3):
+            started = time.perf_counter()
+            predict_file(model, manifest, Path(folder) / f"predict-{repeat}", batch_size=cfg.data.eval_batch_size,
+                         progress=False)
+            times["predict"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            evaluate(model.model, loader, model.task_specs, CPU, "fp32")
+            times["evaluate"].append(time.perf_counter() - started)
+    return {"rows": size, "predict_samples_per_s": size / min(times["predict"]),
+            "evaluate_samples_per_s": size / min(times["evaluate"]),
+            "ratio": min(times["evaluate"]) / min(times["predict"])}
+
+
 BENCHES = {"a": ("loop overhead", bench_overhead), "b": ("feature cache", bench_feature_cache),
            "c": ("data wait", bench_data_wait), "d": ("memory", bench_memory), "e": ("weighting", bench_weighting),
-           "f": ("conflict logging", bench_conflict)}
+           "f": ("conflict logging", bench_conflict), "h": ("predict", bench_predict)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f")
+    parser.add_argument("--only", default="a,b,c,d,e,f,h", help="comma-separated subset of a,b,c,d,e,f,h")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not the quoted figures)")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())

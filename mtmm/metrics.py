@@ -12,10 +12,15 @@ Conventions follow scikit-learn so numbers are comparable with the usual tools:
 * ``auroc``: probability that a random positive scores above a random negative,
   ties counting 1/2 (Mann-Whitney U from average ranks, O(N log N)). NaN when the
   targets hold only one class, since it is undefined there (sklearn raises).
-* multilabel ``micro_f1`` (over all label decisions), ``macro_f1`` (mean of per-label F1 over labels that occur
-  in targets or predictions) and ``map`` (mean over labels with at least one positive of the average precision,
-  sklearn's step-wise definition: sum over distinct thresholds of (R_n - R_{n-1}) P_n); prediction = logit > 0.
-* regression ``mae``, ``rmse`` and ``r2`` (1 - SS_res / SS_tot; NaN when the targets are constant).
+* multilabel ``micro_f1`` (over all label decisions; 0.0 when nothing is positive anywhere), ``macro_f1`` (mean of
+  per-label F1 over *all* labels) and ``map`` (mean over *all* labels of the average precision, sklearn's step-wise
+  definition: sum over distinct thresholds of (R_n - R_{n-1}) P_n); prediction = logit > 0. A label without a
+  positive target counts 0 in both means, as in sklearn (f1_score and average_precision_score, average="macro",
+  default zero_division) and torchmetrics: a label the batch cannot score drags the mean down rather than being
+  left out, so the number is comparable across splits with different label coverage.
+* regression ``mae``, ``rmse`` and ``r2`` (1 - SS_res / SS_tot). Constant targets (SS_tot = 0) follow sklearn's
+  r2_score (force_finite=True): 1.0 when the predictions are exact, else 0.0 -- finite, so that means over tasks
+  and best-epoch choice keep working; such an r2 says nothing about fit beyond "exact or not".
 * Empty input (N == 0): every metric is NaN rather than an error.
 
 Inputs may live on any device and in any float dtype (bf16/fp16 included); they
@@ -112,12 +117,12 @@ def multilabel_metrics(logits: Tensor, targets: Tensor) -> dict[str, float]:
     tp = (preds & positive).sum(0).double()
     denom = preds.sum(0).double() + positive.sum(0).double()  # 2TP + FP + FN per label
     micro = 2 * tp.sum() / denom.sum() if denom.sum() > 0 else torch.tensor(0.0)
-    present = denom > 0
-    macro = (2 * tp[present] / denom[present]).mean() if present.any() else torch.tensor(0.0)
+    # A label with no positive target or prediction has F1 0/0, counted 0 (sklearn's zero_division=0).
+    macro = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.zeros_like(tp)).mean()
+    # A label with no positive target has AP 0 (sklearn; its recall is undefined).
     precisions = [_average_precision(scores[:, k], positive[:, k]) for k in range(scores.shape[1])]
-    defined = [ap for ap in precisions if ap == ap]
     return {"micro_f1": float(micro), "macro_f1": float(macro),
-            "map": sum(defined) / len(defined) if defined else _NAN}
+            "map": sum(ap if ap == ap else 0.0 for ap in precisions) / len(precisions) if precisions else _NAN}
 
 
 def regression_metrics(predictions: Tensor, targets: Tensor) -> dict[str, float]:
@@ -127,9 +132,12 @@ def regression_metrics(predictions: Tensor, targets: Tensor) -> dict[str, float]
     if targets.numel() == 0:
         return {"mae": _NAN, "rmse": _NAN, "r2": _NAN}
     errors = predictions - targets
-    total = ((targets - targets.mean()) ** 2).sum()
-    return {"mae": errors.abs().mean().item(), "rmse": errors.pow(2).mean().sqrt().item(),
-            "r2": (1 - errors.pow(2).sum() / total).item() if total > 0 else _NAN}
+    total, residual = ((targets - targets.mean()) ** 2).sum(), errors.pow(2).sum()
+    if total > 0:
+        r2 = (1 - residual / total).item()
+    else:  # constant targets: sklearn's force_finite convention
+        r2 = 1.0 if residual == 0 else 0.0
+    return {"mae": errors.abs().mean().item(), "rmse": errors.pow(2).mean().sqrt().item(), "r2": r2}
 
 
 def task_metrics(task_type: str, logits: Tensor, targets: Tensor) -> dict[str, float]:

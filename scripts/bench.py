@@ -173,7 +173,7 @@ def bench_memory(quick: bool) -> dict:
 
 def bench_weighting(quick: bool) -> dict:
     methods = ["static", "uncertainty", "dwa", "rlw", "famo", "gradnorm", "pcgrad", "cagrad", "mgda", "imtl",
-               "aligned_mtl", "nash_mtl"]
+               "aligned_mtl", "nash_mtl", "upgrad", "graddrop", "gradvac", "db_mtl", "fairgrad"]
     steps = 5 if quick else 15
     result = {}
     for count in (2, 3, 4, 8):  # 3 = img+txt+match, the README sweep's tasks

@@ -1,9 +1,14 @@
-"""Gradient-combining methods: the worked two-task example every paper uses, and the property each method promises."""
+"""Gradient-combining methods: the worked two-task example every paper uses, the property each method promises, and
+GradientCombination's handling of unlabelled tasks and of the stateful methods' state. (The solvers on ill-conditioned
+inputs: test_gradient_solvers.py.)"""
 
 import pytest
 import torch
+from torch import nn
 
-from mtmm.weighting.gradient import METHODS, aligned_mtl, cagrad, imtl, mgda, nash_mtl, pcgrad
+from mtmm.errors import UserError
+from mtmm.weighting.combine import GradientCombination
+from mtmm.weighting.gradient import METHODS, aligned_mtl, cagrad, db_mtl, imtl, mgda, nash_mtl, pcgrad
 
 # Two conflicting tasks (g1 . g2 = -22), the example of the CAGrad / MGDA comparisons.
 J = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
@@ -131,7 +136,7 @@ def test_pcgrad_generator_picks_the_projection_order():
 # Properties shared by every method.
 
 def permutable_grads(name: str) -> torch.Tensor:
-    if name != "pcgrad":
+    if name not in ("pcgrad", "gradvac"):  # GradVac's first step, from targets 0, is PCGrad
         return random_grads()
     # PCGrad visits the other tasks in index order when no generator is given, and projections do not commute: a
     # permutation changes the update as soon as a task conflicts with two others. Only pairwise conflicts are
@@ -144,13 +149,15 @@ def permutable_grads(name: str) -> torch.Tensor:
 def test_permuting_the_tasks_permutes_the_weights(name):
     grads = permutable_grads(name)
     perm = torch.tensor([2, 0, 3, 1])
+    torch.manual_seed(0)  # GradDrop: the same draw per coordinate whatever the task order
     update, weights = METHODS[name](grads, torch.ones(4, dtype=torch.float64))
+    torch.manual_seed(0)
     update_p, weights_p = METHODS[name](grads[perm], torch.ones(4, dtype=torch.float64)[perm])
     torch.testing.assert_close(update_p, update, atol=1e-7, rtol=1e-7)
     torch.testing.assert_close(weights_p, weights[perm], atol=1e-7, rtol=1e-7)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", [name for name in METHODS if name != "db_mtl"])  # db_mtl: the next test
 def test_single_task_is_plain_gradient_descent(name):
     grads = random_grads(1)
     update, weights = METHODS[name](grads, torch.ones(1, dtype=torch.float64))
@@ -158,10 +165,19 @@ def test_single_task_is_plain_gradient_descent(name):
     torch.testing.assert_close(weights, torch.ones(1, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("name", METHODS)
+def test_db_mtl_single_task_descends_the_log_loss_with_momentum():
+    # By design (the paper's loss-scale balancing) not plain descent: the gradient of log L, averaged over steps.
+    grads, state = random_grads(1), {}
+    update, weights = db_mtl(grads, torch.full((1,), 2.0, dtype=torch.float64), beta=0.9, state=state)
+    torch.testing.assert_close(update, 0.1 * grads[0] / (2.0 + 1e-8))
+    update, _ = db_mtl(grads, torch.full((1,), 4.0, dtype=torch.float64), beta=0.9, state=state)
+    torch.testing.assert_close(update, (0.1 * 0.9 / (2.0 + 1e-8) + 0.1 / (4.0 + 1e-8)) * grads[0])
+
+
+@pytest.mark.parametrize("name", [name for name in METHODS if name != "graddrop"])  # GradDrop masks coordinates
 def test_update_is_the_weighted_sum_of_gradients(name):
     grads = random_grads(seed=2)
-    update, weights = METHODS[name](grads, torch.ones(4, dtype=torch.float64))
+    update, weights = METHODS[name](grads, torch.ones(4, dtype=torch.float64))  # (db_mtl: true at its first step)
     torch.testing.assert_close(weights @ grads, update)
 
 
@@ -188,3 +204,85 @@ def test_bad_inputs_say_what_is_expected():
         mgda(torch.ones(3), LOSSES)
     with pytest.raises(ValueError, match="rescale must be 0, 1 or 2"):
         cagrad(J, LOSSES, rescale=3)
+
+
+# GradientCombination: unlabelled tasks and the stateful methods' state.
+
+class TwoTasks(nn.Module):
+    """A shared vector p and one head per task: L_a = w_a (p . x_a), L_b = w_b (p . x_b)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared_p = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+        self.heads = nn.ParameterDict({"a": nn.Parameter(torch.tensor(1.0)), "b": nn.Parameter(torch.tensor(1.0))})
+
+    def losses(self, labelled_a: bool = True) -> dict[str, torch.Tensor]:
+        loss_a = self.heads["a"] * (self.shared_p @ torch.tensor([-1.0, 0.5, 1.0]))
+        return {"a": loss_a if labelled_a else loss_a * 0.0,  # masked_task_loss's "no label": exactly 0, with a graph
+                "b": self.heads["b"] * (self.shared_p @ torch.tensor([1.0, 2.0, 3.0]))}
+
+
+@pytest.mark.parametrize("method", ["mgda", "imtl", "nash_mtl", "upgrad", "cagrad", "gradvac", "db_mtl"])
+def test_an_unlabelled_task_drops_out_of_the_combination(method):
+    # Issue 11: G = [[0, 0, 0], [1, 2, 3]] gave MGDA and IMTL-G a zero update: the shared parameters did not move.
+    model = TwoTasks()
+    combination = GradientCombination({"a": 1.0, "b": 1.0}, method=method)
+    combination.backward(model.losses(labelled_a=False), model)
+    alone = GradientCombination({"b": 1.0}, method=method)
+    only_b = TwoTasks()
+    alone.backward({"b": only_b.losses()["b"]}, only_b)
+    torch.testing.assert_close(model.shared_p.grad, only_b.shared_p.grad)  # as if task a were absent
+    assert model.shared_p.grad.abs().sum() > 0
+    assert combination.weights()["a"] == 0.0
+    # Said explicitly, with the same result (the loop knows from target_mask); a fresh one for the stateful methods.
+    model.zero_grad()
+    combination = GradientCombination({"a": 1.0, "b": 1.0}, method=method)
+    combination.backward(model.losses(labelled_a=False), model, labelled={"a": False, "b": True})
+    torch.testing.assert_close(model.shared_p.grad, only_b.shared_p.grad)
+
+
+def test_no_labelled_task_leaves_the_shared_parameters_alone():
+    model = TwoTasks()
+    losses = {task: loss * 0.0 for task, loss in model.losses().items()}
+    GradientCombination({"a": 1.0, "b": 1.0}, method="mgda").backward(losses, model)
+    assert not model.shared_p.grad.any()
+
+
+@pytest.mark.parametrize("method", ["gradvac", "db_mtl"])
+def test_stateful_methods_resume_exactly_from_their_state_dict(method):
+    def steps(combination, model, count, labelled_a=True):
+        grads = []
+        for _ in range(count):
+            model.zero_grad()
+            combination.backward(model.losses(labelled_a), model)
+            grads.append(model.shared_p.grad.clone())
+            with torch.no_grad():
+                model.shared_p -= 0.3 * model.shared_p.grad
+                model.heads["a"] += 0.2  # the gradients move from step to step: the state matters
+        return grads
+
+    whole_model, whole = TwoTasks(), GradientCombination({"a": 1.0, "b": 1.0}, method=method)
+    expected = steps(whole, whole_model, 4)
+    part_model, part = TwoTasks(), GradientCombination({"a": 1.0, "b": 1.0}, method=method)
+    steps(part, part_model, 2)
+    saved = {"weighting": part.state_dict(), "model": part_model.state_dict()}
+    assert any(key.startswith("state_") for key in saved["weighting"])
+    resumed_model, resumed = TwoTasks(), GradientCombination({"a": 1.0, "b": 1.0}, method=method)
+    resumed.load_state_dict(saved["weighting"])  # a fresh module: its state buffers come from the checkpoint
+    resumed_model.load_state_dict(saved["model"])
+    for got, want in zip(steps(resumed, resumed_model, 2), expected[2:]):
+        torch.testing.assert_close(got, want)
+    # A step without task a's labels leaves task a's share of the state as it was.
+    before = {key: value.clone() for key, value in resumed.state_dict().items() if key.startswith("state_")}
+    steps(resumed, resumed_model, 1, labelled_a=False)
+    after = resumed.state_dict()
+    if method == "gradvac":
+        assert torch.equal(after["state_pair_cos_target"], before["state_pair_cos_target"])  # only pairs with a
+    else:
+        assert torch.equal(after["state_task_grad_ema"][0], before["state_task_grad_ema"][0])
+        assert not torch.equal(after["state_task_grad_ema"][1], before["state_task_grad_ema"][1])
+
+
+def test_db_mtl_on_the_representation_is_refused_at_start_up():
+    with pytest.raises(UserError, match="db_mtl.*loss.on=parameters"):
+        GradientCombination({"a": 1.0}, method="db_mtl", on="representation")

@@ -146,9 +146,41 @@ def test_multilabel_metrics_against_hand_and_brute_force():
     assert multilabel_metrics(scores, labels)["map"] == pytest.approx(sum(expected) / 4)
 
 
-def test_multilabel_map_skips_labels_without_positives():
-    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    assert multilabel_metrics(logits, torch.tensor([[1, 0], [0, 0]]))["map"] == pytest.approx(1.0)
+def test_multilabel_labels_without_positives_count_zero_as_in_sklearn():
+    # Issue 11's example; sklearn 1.9.1 f1_score / average_precision_score(average="macro") give 0.5 and 0.5 (the
+    # second label has no positive target: F1 0/0 -> 0, AP -> 0); mtmm used to skip it and report 1.0.
+    values = multilabel_metrics(torch.tensor([[1.0, -1.0], [-1.0, -1.0]]), torch.tensor([[1, 0], [0, 0]]))
+    assert values["macro_f1"] == pytest.approx(0.5) and values["map"] == pytest.approx(0.5)
+    assert values["micro_f1"] == pytest.approx(1.0)
+    nothing = multilabel_metrics(torch.tensor([[-1.0, -2.0]]), torch.tensor([[0, 0]]))
+    assert nothing == {"micro_f1": 0.0, "macro_f1": 0.0, "map": 0.0}  # sklearn: 0.0 each
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_metrics_match_sklearn_on_random_data(seed):
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.round(torch.randn(60, 5, generator=g) * 4) / 4  # ties in the scores
+    targets = (torch.rand(60, 5, generator=g) < torch.tensor([0.5, 0.1, 0.02, 0.0, 0.9])).long()  # a label never
+    ours = multilabel_metrics(logits, targets)
+    y, p = targets.numpy(), (logits > 0).long().numpy()
+    assert ours["macro_f1"] == pytest.approx(sklearn_metrics.f1_score(y, p, average="macro", zero_division=0))
+    assert ours["micro_f1"] == pytest.approx(sklearn_metrics.f1_score(y, p, average="micro", zero_division=0))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "No positive class found in y_true": the case being compared
+        expected_map = sklearn_metrics.average_precision_score(y, logits.numpy(), average="macro")
+    assert ours["map"] == pytest.approx(expected_map)
+    classes = torch.randint(0, 4, (60,), generator=g)
+    class_logits = torch.randn(60, 5, generator=g)
+    assert multiclass_metrics(class_logits, classes)["macro_f1"] == pytest.approx(sklearn_metrics.f1_score(
+        classes.numpy(), class_logits.argmax(1).numpy(), average="macro", zero_division=0))
+    predictions, values = torch.randn(30, generator=g), torch.randn(30, generator=g)
+    assert regression_metrics(predictions, values)["r2"] == pytest.approx(
+        sklearn_metrics.r2_score(values.numpy(), predictions.numpy()))
+    for constant_predictions in (torch.full((4,), 2.0), torch.tensor([1.0, 2.0, 3.0, 2.0])):
+        assert regression_metrics(constant_predictions, torch.full((4,), 2.0))["r2"] == \
+            sklearn_metrics.r2_score(torch.full((4,), 2.0).numpy(), constant_predictions.numpy())
 
 
 def test_regression_metrics():
@@ -157,5 +189,7 @@ def test_regression_metrics():
     assert values["rmse"] == pytest.approx(math.sqrt(5 / 3))
     # SS_res = 0 + 1 + 4 = 5, SS_tot = (1-7/3)^2 + 2 * (2/3)^2 = 24/9
     assert values["r2"] == pytest.approx(1 - 5 / (24 / 9))
-    assert math.isnan(regression_metrics(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0]))["r2"])
+    # Constant targets: sklearn's r2_score convention (force_finite=True), 1.0 when exact, else 0.0.
+    assert regression_metrics(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0]))["r2"] == 0.0
+    assert regression_metrics(torch.tensor([2.0, 2.0]), torch.tensor([2.0, 2.0]))["r2"] == 1.0
     assert all(math.isnan(v) for v in regression_metrics(torch.empty(0), torch.empty(0)).values())

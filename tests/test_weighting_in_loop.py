@@ -12,7 +12,8 @@ from mtmm.tasks import masked_task_loss
 from mtmm.train import train
 from mtmm.weighting.combine import GradientCombination
 
-GRADIENT_METHODS = ["pcgrad", "cagrad", "mgda", "imtl", "aligned_mtl", "nash_mtl"]
+GRADIENT_METHODS = ["pcgrad", "cagrad", "mgda", "imtl", "aligned_mtl", "nash_mtl", "upgrad", "graddrop", "gradvac",
+                    "db_mtl", "fairgrad"]
 
 
 def plain_sum(grads, losses):

@@ -43,5 +43,5 @@ def check_weighting(cfg: DictConfig, weighting, rank: Rank) -> None:
         raise UserError(f"loss={cfg.loss.get('method', cfg.loss._target_)} combines per-task gradients, which fp16's "
                         f"loss scaling would distort; use device.precision=bf16 or fp32")
     if (weighting.combines_gradients or weighting.needs_shared_parameters) and rank.world_size > 1:
-        raise UserError("gradient-based loss weighting (pcgrad, cagrad, mgda, imtl, aligned_mtl, nash_mtl, gradnorm) "
-                        "takes per-task gradients, which DistributedDataParallel does not average; use one process")
+        raise UserError(f"loss={cfg.loss.get('method', cfg.loss._target_)} takes per-task gradients, which "
+                        f"DistributedDataParallel does not average; use one process (device.nproc_per_node=1)")

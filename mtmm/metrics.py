@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-TASK_TYPES = ("multiclass", "binary", "multilabel", "regression")
+from mtmm.tasks import TASK_TYPES
 _NAN = float("nan")
 
 

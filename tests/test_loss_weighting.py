@@ -280,6 +280,7 @@ def test_every_method_instantiates_from_its_config(name, make_cfg):
     (["loss=famo", "loss.w_lr=-1"], r"loss.w_lr=-1 for loss=famo"),
     (["loss=gradnorm", "loss.alpha=-0.5"], r"loss.alpha=-0.5 for loss=gradnorm"),
     (["loss=dwa", "+loss.temp=3"], r"loss.temp is not an option of loss=.*DWA; it takes \['temperature'\]"),
+    (["loss=cagrad", "+loss.options.cc=1"], r"loss.options.cc is not an option of loss=cagrad; it takes \['c', 'rescale'\]"),
 ])
 def test_bad_loss_options_are_refused_at_start_up_naming_what_is_accepted(overrides, message):
     from hydra import compose, initialize_config_module

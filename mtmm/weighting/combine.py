@@ -38,6 +38,12 @@ class GradientCombination(nn.Module):
                             "use loss.on=parameters")
         self.task_weights, self.method, self.on = dict(task_weights), method, on
         self.options = dict(options or {})
+        # An option the method does not take is refused now, not at the first step.
+        accepted = [name for name, parameter in inspect.signature(METHODS[method]).parameters.items()
+                    if parameter.kind == inspect.Parameter.KEYWORD_ONLY and name not in ("state", "generator")]
+        unknown = sorted(set(self.options) - set(accepted))
+        if unknown:
+            raise UserError(f"loss.options.{unknown[0]} is not an option of loss={method}; it takes {accepted}")
         self.stateful = "state" in inspect.signature(METHODS[method]).parameters
         self.register_buffer("last_weights", torch.ones(len(task_weights)))
 

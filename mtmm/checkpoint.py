@@ -90,11 +90,17 @@ def set_rng_state(saved: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load and check a checkpoint; anything else (missing, truncated, foreign) is a one-line UserError."""
+    """Load and check a checkpoint, or a folder written by `mtmm-export format=safetensors` (read into the same
+    dict: config, data, model, text_config, epoch, step, metrics); anything else (missing, truncated, foreign) is
+    a one-line UserError."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        from mtmm.export import load_export  # noqa: PLC0415 - export.py reads checkpoints with this function
+
+        return load_export(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist (expected a .pt file written by mtmm-train, "
-                        f"e.g. <run folder>/checkpoints/best.pt)")
+                        f"e.g. <run folder>/checkpoints/best.pt, or a folder written by mtmm-export)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - truncated zip, pickle of foreign objects, not a torch file at all

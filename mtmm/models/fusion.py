@@ -118,7 +118,7 @@ class GatedFusion(nn.Module):
         if self.gate is None:
             gates = torch.ones_like(hidden)
         else:
-            logits = self.gate(torch.cat(pooled, dim=-1)).view(len(hidden), len(self.modalities), self.dim)
+            logits = self.gate(torch.cat(pooled, dim=-1)).view(hidden.shape[0], len(self.modalities), self.dim)
             gates = torch.softmax(logits, dim=1)
         self.last_gates = gates.detach()
         return (gates * hidden).sum(1)
@@ -145,7 +145,7 @@ class TensorFusion(nn.Module):
         fused = None
         for m in self.modalities:
             x = self.project[m](features[m].pooled)
-            z = torch.cat([x, x.new_ones(len(x), 1)], dim=-1)
+            z = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=-1)
             # Outer product with what is fused so far, flattened row-major: [B, a] x [B, b] -> [B, a*b].
             fused = z if fused is None else (fused.unsqueeze(-1) * z.unsqueeze(1)).flatten(1)
         return fused
@@ -173,7 +173,7 @@ class LowRankFusion(nn.Module):
         product = None
         for m in self.modalities:
             x = features[m].pooled
-            z = torch.cat([x, x.new_ones(len(x), 1)], dim=-1)
+            z = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=-1)
             projected = torch.einsum("bi,rio->bro", z, self.factors[m])  # [B, rank, dim]
             product = projected if product is None else product * projected
         return torch.einsum("r,bro->bo", self.rank_weights, product) + self.bias
@@ -246,10 +246,10 @@ class CrossAttentionFusion(nn.Module):
         streams, masks = {}, {}
         for m in self.modalities:
             tokens = self.project[m](features[m].tokens)
-            summary = self.summary[m].expand(len(tokens), 1, -1)
+            summary = self.summary[m].expand(tokens.shape[0], 1, -1)
             streams[m] = torch.cat([summary, tokens], dim=1)
             # The summary token is always real, so no query ever faces a fully masked set of keys.
-            masks[m] = torch.cat([features[m].mask.new_ones(len(tokens), 1), features[m].mask], dim=1)
+            masks[m] = torch.cat([features[m].mask.new_ones(tokens.shape[0], 1), features[m].mask], dim=1)
         for layer in self.layers:
             updated = {}
             for m in self.modalities:

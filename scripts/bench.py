@@ -7,6 +7,7 @@
   (e) time per step of every loss-weighting method relative to static, at 2, 3, 4 and 8 tasks
   (f) epoch time with gradient-conflict logging every 50 steps over without, three tasks            (target <= 1.1)
   (h) mtmm-predict samples/s over the evaluation loop's on the same rows                          (target >= 0.9)
+      and onnxruntime latency over PyTorch's (CPU) at batch 1 and 64, on the exported model
 
     python scripts/bench.py [--only a,c] [--quick]
 """
@@ -244,9 +245,38 @@ def bench_predict(quick: bool) -> dict:
             started = time.perf_counter()
             evaluate(model.model, loader, model.task_specs, CPU, "fp32")
             times["evaluate"].append(time.perf_counter() - started)
+        latency = onnx_latency(Path(folder) / "run" / "checkpoints" / "best.pt", model.model, loader,
+                               Path(folder) / "onnx")
     return {"rows": size, "predict_samples_per_s": size / min(times["predict"]),
             "evaluate_samples_per_s": size / min(times["evaluate"]),
-            "ratio": min(times["evaluate"]) / min(times["predict"])}
+            "ratio": min(times["evaluate"]) / min(times["predict"]), **latency}
+
+
+def onnx_latency(checkpoint: Path, model, loader, out: Path) -> dict:
+    """Median seconds per call of onnxruntime and of PyTorch on the same batch of 1 and of 64, as their ratio."""
+    import onnxruntime
+    from mtmm.export import export_checkpoint, positional
+    export_checkpoint(checkpoint, "onnx", out)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [entry.name for entry in session.get_inputs()]
+    batch = next(iter(loader))
+    result = {}
+    for size in (1, 64):
+        part = {key: (value[:size] if isinstance(value, torch.Tensor) else {k: v[:size] for k, v in value.items()})
+                for key, value in batch.items()}
+        feed = {name: tensor.numpy() for name, tensor in zip(names, positional(part, model))}
+        timings = {"onnxruntime": [], "pytorch": []}
+        for _ in range(21):
+            started = time.perf_counter()
+            session.run(None, feed)
+            timings["onnxruntime"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            with torch.no_grad():
+                model(part)
+            timings["pytorch"].append(time.perf_counter() - started)
+        ort, pt = statistics.median(timings["onnxruntime"][1:]), statistics.median(timings["pytorch"][1:])
+        result[f"batch_{size}"] = {"onnxruntime_ms": 1000 * ort, "pytorch_ms": 1000 * pt, "ratio": ort / pt}
+    return result
 
 
 BENCHES = {"a": ("loop overhead", bench_overhead), "b": ("feature cache", bench_feature_cache),

@@ -64,6 +64,24 @@ def predicted(task: TaskSpec, logits: torch.Tensor) -> dict:
     return {"prediction": task.classes[best], "probabilities": [round(p, 6) for p in probabilities]}
 
 
+def predicted_batch(task: TaskSpec, logits: torch.Tensor) -> list[dict]:
+    """predicted() for every row of a batch's logits [B, outputs], the probabilities computed once for the batch."""
+    if task.type == "regression":
+        return [{"prediction": value * task.std + task.mean} for value in logits[:, 0].tolist()]
+    logits = logits / task.temperature
+    if task.type == "multilabel":
+        rows = torch.sigmoid(logits).tolist()
+        return [{"prediction": [name for name, p in zip(task.classes, row) if p > 0.5],
+                 "probabilities": [round(p, 6) for p in row]} for row in rows]
+    if task.type == "binary":
+        positive = torch.sigmoid(logits[:, 0])
+        rows = torch.stack([1 - positive, positive], dim=1).tolist()
+    else:
+        rows = torch.softmax(logits, dim=-1).tolist()
+    return [{"prediction": task.classes[max(range(len(row)), key=row.__getitem__)],
+             "probabilities": [round(p, 6) for p in row]} for row in rows]
+
+
 class Predictor:
     """A trained model and what it needs to turn raw inputs into predictions: the tokenizer and image transform
     it was trained with, its tasks' class names and statistics."""
@@ -146,8 +164,8 @@ class Predictor:
         for start in range(0, count, batch_size):
             part = lambda values: None if values is None else values[start:start + batch_size]  # noqa: E731
             logits = self.logits(self.batch(part(images), part(texts)))
-            for row in range(len(next(iter(logits.values())))):
-                results.append({task.name: predicted(task, logits[task.name][row]) for task in self.task_specs})
+            per_task = {task.name: predicted_batch(task, logits[task.name]) for task in self.task_specs}
+            results += [dict(zip(per_task, row)) for row in zip(*per_task.values())]
         return results
 
     @torch.no_grad()

@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from mtmm.api import Predictor, load_model, predicted
+from mtmm.api import Predictor, load_model, predicted_batch
 from mtmm.data.dataset import ManifestDataset
 from mtmm.data.readers import read_manifest
 from mtmm.data.sources import rename_columns
@@ -45,8 +45,9 @@ def predict_file(model: Predictor, path: str | Path, run_dir: Path, batch_size: 
         bar = tqdm(total=len(dataset), desc="predict", unit="pairs", disable=None if progress else True)
         for batch in loader:
             logits = model.logits(batch)
-            for row, index in enumerate(batch["index"].tolist()):
-                result = {task.name: predicted(task, logits[task.name][row]) for task in model.task_specs}
+            per_task = {task.name: predicted_batch(task, logits[task.name]) for task in model.task_specs}
+            for index, row in zip(batch["index"].tolist(), zip(*per_task.values())):
+                result = dict(zip(per_task, row))
                 lines.write(json.dumps(clean({"id": dataset.ids[index], **result})) + "\n")
                 writer.writerow([dataset.ids[index]] + [cell for task in model.task_specs
                                                         for cell in csv_cells(task, result[task.name])])

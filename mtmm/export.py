@@ -25,13 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mtmm.atomic import current_umask, disk_full
-from mtmm.build import build_data, build_loader, build_model, image_transform
-from mtmm.checkpoint import FORMAT, VERSION, load_checkpoint
+from mtmm.api import open_checkpoint, restore_model
+from mtmm.build import build_data, build_loader, image_transform
+from mtmm.checkpoint import FORMAT, VERSION
 from mtmm.data.tokenizer import TOKENIZER_FILES, tokenizer_from_files
 from mtmm.errors import UserError, exit_with
 from mtmm.models.features import Features
 from mtmm.records import clean
-from mtmm.trust import check_saved_data, own_cache_dirs, trusted_config, use_own_cache_dirs
+from mtmm.trust import own_cache_dirs, use_own_cache_dirs
 
 EXPORT_FORMAT, EXPORT_VERSION = "mtmm-export", 1
 # Every name an export folder may hold. A reader takes names from this list, never from inside a file.
@@ -51,9 +52,7 @@ def export_checkpoint(checkpoint: str | Path, format: str, out: str | Path, spli
     out = Path(out).expanduser()
     refuse_used(out)
     source = f"checkpoint {checkpoint}"
-    state = load_checkpoint(checkpoint)
-    cfg = trusted_config(state.get("config"), source, trusted_targets)
-    check_saved_data(state, cfg, source)
+    state, cfg = open_checkpoint(checkpoint, trusted_targets)
     files = {"config.yaml": state["config"], "labels.json": json.dumps(labels(state), indent=2) + "\n"}
     tokenizer_files = state["data"].get("tokenizer_files") or {}
     if tokenizer_files:
@@ -69,7 +68,7 @@ def export_checkpoint(checkpoint: str | Path, format: str, out: str | Path, spli
             save_weights(state["model"], out / "model.safetensors")
             recipe = ""
         else:
-            result = export_onnx(state, cfg, out, split, tolerance, cache_dir, source)
+            result = export_onnx(state, cfg, out, split, tolerance, cache_dir, checkpoint)
             recipe = result.pop("recipe")
         for name, text in files.items():
             (out / name).write_text(text, encoding="utf-8")
@@ -189,9 +188,10 @@ def read_weights(path: Path, folder: Path) -> dict:
                         f"({str(error).splitlines()[0][:200]})") from None
 
 
-def export_onnx(state: dict, cfg: DictConfig, out: Path, split: str, tolerance: float, cache_dir, source: str) -> dict:
+def export_onnx(state: dict, cfg: DictConfig, out: Path, split: str, tolerance: float, cache_dir, checkpoint) -> dict:
     """out/model.onnx, checked against PyTorch with onnxruntime on `split` of the checkpoint's data; returns the
     largest difference seen and the README's recipe for feeding it."""
+    source = f"checkpoint {checkpoint}"
     try:  # optional: pip install 'mtmm[export]' (torch.onnx's exporter needs onnx and onnxscript)
         import onnx  # noqa: PLC0415
         import onnxruntime  # noqa: PLC0415
@@ -201,13 +201,7 @@ def export_onnx(state: dict, cfg: DictConfig, out: Path, split: str, tolerance: 
                         f"pip install 'mtmm[export]'") from None
     use_own_cache_dirs(cfg, own_cache_dirs(cache_dir))  # the data it is checked on goes to the user's cache
     data = build_data(cfg, splits=(split,), saved=state["data"], origin=source)
-    model = build_model(cfg, data.tasks, data.tokenizer, restoring=True, saved_text_config=state.get("text_config"))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise UserError(f"{source}: its weights do not fit the model its config describes "
-                        f"({str(error).splitlines()[0]})") from None
-    model.eval()
+    model = restore_model(state, cfg, data.tasks, data.tokenizer, checkpoint)
     names = [name for modality in model.encoders for name in INPUTS[modality]]
     clash = sorted(set(names) & set(model.heads))
     if clash:

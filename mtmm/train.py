@@ -90,8 +90,9 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
     if resume is not None:
         progress = restore(resume, job)
         log.info("resumed at epoch %d, batch %d, step %d", progress.epoch, progress.batch, progress.step)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if rank.main:  # again on resume: trainer.epochs may have changed
-        write_text_atomically(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        write_text_atomically(run_dir / "config.yaml", config_yaml)
     if rank.main and resume is None and job.data.tokenizer is not None:
         job.data.tokenizer.save_pretrained(run_dir / "tokenizer")
     if rank.main and resume is not None:  # records written after the checkpoint will be written again
@@ -100,7 +101,7 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
         else:  # a checkpoint of an earlier mtmm: by step
             truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step") is not None and r["step"] <= progress.step)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=rank.main)
-    checkpoints = CheckpointWriter(job, OmegaConf.to_yaml(cfg, resolve=True), metrics_log)
+    checkpoints = CheckpointWriter(job, config_yaml, metrics_log)
 
     stop = StopSignal()
     try:

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 
-from mtmm.build import build_model, has_encoder, image_transform
+from mtmm.build import build_model, has_encoder
+from mtmm.data.build import image_transform
 from mtmm.checkpoint import load_checkpoint
 from mtmm.data.collate import pad_token_ids
 from mtmm.data.images import open_image
@@ -36,7 +37,7 @@ def open_checkpoint(checkpoint: str | Path, trusted_targets=()) -> tuple[dict, o
 
 def restore_model(state: dict, cfg, tasks: list[TaskSpec], tokenizer, checkpoint) -> torch.nn.Module:
     """The network the config describes, with the checkpoint's weights (no pretrained file is read)."""
-    model = build_model(cfg, tasks, tokenizer, restoring=True, saved_text_config=state.get("text_config"))
+    model = build_model(cfg, tasks, tokenizer, checkpoint=state)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mtmm.api import open_checkpoint, predicted, restore_model
-from mtmm.build import build_data, build_loader
+from mtmm.data.build import build_data, build_loader
 from mtmm.calibration import fit_temperature
 from mtmm.checkpoint import save_checkpoint
 from mtmm.device import resolve_device

@@ -26,7 +26,7 @@ from torch import nn
 
 from mtmm.atomic import current_umask, disk_full
 from mtmm.api import open_checkpoint, restore_model
-from mtmm.build import build_data, build_loader, image_transform
+from mtmm.data.build import build_data, build_loader, image_transform
 from mtmm.checkpoint import FORMAT, VERSION
 from mtmm.data.tokenizer import TOKENIZER_FILES, tokenizer_from_files
 from mtmm.errors import UserError, exit_with

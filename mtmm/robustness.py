@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from mtmm.build import build_loader
+from mtmm.data.build import build_loader
 from mtmm.data.collate import pad_token_ids
 from mtmm.errors import UserError
 from mtmm.loop import predict, score

@@ -13,8 +13,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from mtmm.build import (Data, build_data, build_loader, build_model, build_optimizer, build_scheduler,
-                        build_weighting)
+from mtmm.build import build_model, build_optimizer, build_scheduler, build_weighting
+from mtmm.data.build import Data, build_data, build_loader
 from mtmm.device import resolve_device
 from mtmm.distributed import Rank
 from mtmm.errors import UserError
@@ -56,8 +56,7 @@ def setup(cfg: DictConfig, resume: dict | None = None, rank: Rank = Rank(), run_
              f", {rank.world_size} processes" if rank.world_size > 1 else "")
 
     data = build_data(cfg, splits=splits, saved=resume["data"] if resume else None)
-    model = build_model(cfg, data.tasks, data.tokenizer, restoring=resume is not None,
-                        saved_text_config=resume.get("text_config") if resume else None).to(device)
+    model = build_model(cfg, data.tasks, data.tokenizer, checkpoint=resume).to(device)
     cached = {}
     if cfg.trainer.get("feature_cache"):
         if resume is not None:  # the frozen encoders' restored weights key the cache, not their fresh ones

@@ -225,7 +225,7 @@ def bench_predict(quick: bool) -> dict:
     against what mtmm-eval runs on the same rows (reading and checking the split, then mtmm.loop.evaluate: the model
     and the metrics), one trained model, alternated; the fastest of each."""
     from mtmm.api import load_model
-    from mtmm.build import build_data, build_loader
+    from mtmm.data.build import build_data, build_loader
     from mtmm.loop import evaluate
     from mtmm.predict import predict_file
     from mtmm.train import train

@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from mtmm.build import build_data
+from mtmm.data.build import build_data
 from mtmm.data.collate import pad_token_ids
 from mtmm.data.dataset import ManifestDataset
 from mtmm.tasks import TaskSpec, parse_target

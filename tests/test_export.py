@@ -19,7 +19,8 @@ from PIL import Image
 
 from mtmm import export
 from mtmm.atomic import current_umask
-from mtmm.build import build_data, build_loader, build_model
+from mtmm.build import build_model
+from mtmm.data.build import build_data, build_loader
 from mtmm.checkpoint import load_checkpoint
 from mtmm.errors import UserError
 from mtmm.eval import evaluate_checkpoint
@@ -100,7 +101,7 @@ def test_the_readme_recipe_feeds_onnxruntime_as_mtmm_feeds_pytorch(trained, onnx
     cfg = trusted_config(state["config"], "test")
     use_own_cache_dirs(cfg, own_cache_dirs(tmp_path / "cache"))
     data = build_data(cfg, splits=("test",), saved=state["data"])
-    model = build_model(cfg, data.tasks, data.tokenizer, restoring=True, saved_text_config=state["text_config"])
+    model = build_model(cfg, data.tasks, data.tokenizer, checkpoint=state)
     model.load_state_dict(state["model"])
     model.eval()
     with torch.no_grad():

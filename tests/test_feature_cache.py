@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtmm.build import build_data, build_model
+from mtmm.build import build_model
+from mtmm.data.build import build_data
 from mtmm.data.dataset import ManifestDataset
 from mtmm.errors import UserError
 from mtmm.eval import evaluate_checkpoint

@@ -9,7 +9,8 @@ import torchvision
 from hydra import compose, initialize_config_module
 from transformers import BertConfig, BertModel
 
-from mtmm.build import build_data, build_model
+from mtmm.build import build_model
+from mtmm.data.build import build_data
 from mtmm.data.tokenizer import train_wordpiece
 from mtmm.errors import UserError
 from mtmm.models.features import Features

@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from mtmm.build import build_data
+from mtmm.data.build import build_data
 from mtmm.checkpoint import load_checkpoint
 from mtmm.errors import UserError
 from mtmm.eval import evaluate_checkpoint
@@ -292,7 +292,7 @@ def test_torchvision_weight_name_brings_its_normalisation_and_size(tmp_path, mon
     import torchvision
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cfg = config("encoder/image=resnet18", "encoder.image.weights=IMAGENET1K_V1")
-    from mtmm.build import image_transform
+    from mtmm.data.build import image_transform
     assert (image_transform(cfg).size, image_transform(cfg).crop) == (256, 224)
     from mtmm.build import instantiate
     with pytest.raises(UserError, match="resnet18-f37072fd.pth is missing and mtmm never downloads"):

@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from PIL import Image
 
-from mtmm.build import build_data, build_model
+from mtmm.build import build_model
+from mtmm.data.build import build_data
 from mtmm.checkpoint import load_checkpoint
 from mtmm.errors import UserError
 from mtmm.records import clean
@@ -172,7 +173,7 @@ def restore(checkpoint, split: str = "test"):
     state = load_checkpoint(checkpoint)
     cfg = OmegaConf.create(state["config"])
     data = build_data(cfg, splits=(split,), saved=state["data"])
-    model = build_model(cfg, data.tasks, data.tokenizer, restoring=True, saved_text_config=state.get("text_config"))
+    model = build_model(cfg, data.tasks, data.tokenizer, checkpoint=state)
     model.load_state_dict(state["model"])
     return cfg, data, model
 

@@ -126,7 +126,8 @@ def test_task_weight_zero_leaves_that_head_untrained(make_cfg, tmp_path):
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert records[0]["weights"] == {"img": 0.0, "txt": 1.0}
     # With lambda_img = 0 no gradient reaches the img head, so AdamW leaves its weights as initialised.
-    from mtmm.build import build_data, build_model
+    from mtmm.build import build_model
+    from mtmm.data.build import build_data
     cfg = make_cfg("tasks.img.weight=0")
     torch.manual_seed(cfg.seed)
     data = build_data(cfg, splits=("train",))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import mtmm.weighting.combine as combine
-from mtmm.build import build_data, build_loader, build_model
+from mtmm.build import build_model
+from mtmm.data.build import build_data, build_loader
 from mtmm.tasks import masked_task_loss
 from mtmm.train import train
 from mtmm.weighting.combine import GradientCombination

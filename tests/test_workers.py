@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from mtmm.build import build_data, build_loader
+from mtmm.data.build import build_data, build_loader
 import torch
 
 from mtmm.data.workers import MAX_AUTO_WORKERS, loader_workers, worker_options

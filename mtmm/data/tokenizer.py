@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from mtmm.errors import UserError
+from mtmm.hub import offline
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # The files a checkpoint may carry to rebuild its tokenizer: what save_pretrained writes for the tokenizers mtmm
@@ -60,6 +61,7 @@ def load_pretrained_tokenizer(name: str, texts: list[str] | None = None,
     `texts` is unused (a pretrained vocabulary is fixed); it keeps the signature of train_wordpiece. Custom code
     shipped with the model runs only with trust_remote_code=true, set by the user; never a prompt."""
     try:
+        offline()
         return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=bool(trust_remote_code))
     except (OSError, ValueError) as error:
         if "custom code" in str(error) or "trust_remote_code" in str(error):
@@ -105,6 +107,7 @@ def tokenizer_from_files(files: dict[str, str], source: str = "checkpoint") -> P
         for name, text in files.items():
             (Path(folder) / name).write_text(text, encoding="utf-8")
         try:
+            offline()
             return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise UserError(f"{source}: its tokenizer files cannot be loaded ({str(error).splitlines()[0][:200]})"

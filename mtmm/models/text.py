@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModel, BertConfig, BertModel, PreTraine
 
 from mtmm.data.tokenizer import custom_code_message, missing_pretrained_message
 from mtmm.errors import UserError
+from mtmm.hub import offline
 from mtmm.models.features import Features, masked_mean, set_frozen
 
 
@@ -63,6 +64,7 @@ def pretrained(tokenizer, name: str, max_length: int = 64, pooling: str = "cls",
             raise UserError("the checkpoint has no text_config entry, which a pretrained text encoder is rebuilt from")
         return HFTextEncoder(model_from_saved_config(saved_config), pooling=pooling, freeze=freeze)
     try:
+        offline()
         model = AutoModel.from_pretrained(name, local_files_only=True, trust_remote_code=bool(trust_remote_code))
     except (OSError, ValueError) as error:
         if "custom code" in str(error) or "trust_remote_code" in str(error):

@@ -1,0 +1,1 @@
+"""Experiment trackers fed from the same records as metrics.jsonl."""

@@ -84,3 +84,30 @@ def wait_for_main(rank: Rank) -> None:
     """A barrier for the other ranks while the main process builds a cache (timeout CACHE_BUILD_TIMEOUT)."""
     if rank.world_size > 1:
         dist.barrier(group=_cache_waits)
+
+
+def world_size() -> int:
+    """The number of processes of the initialised process group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def mean_across_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean over processes of a tensor (a new one); the tensor itself in a single process."""
+    if world_size() == 1:
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor / world_size()
+
+
+def ddp_of(forward):
+    """The DistributedDataParallel module that `forward` is or wraps (torch.compile), or None."""
+    forward = getattr(forward, "_orig_mod", forward)
+    return forward if isinstance(forward, torch.nn.parallel.DistributedDataParallel) else None
+
+
+def no_sync(forward, skip: bool):
+    """DDP's no_sync() (its reducer does not average this backward) when `skip` and `forward` is DDP; else nothing."""
+    import contextlib
+    ddp = ddp_of(forward)
+    return ddp.no_sync() if skip and ddp is not None else contextlib.nullcontext()

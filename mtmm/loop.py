@@ -12,10 +12,11 @@ from tqdm import tqdm
 from mtmm import conflict
 from mtmm.calibration import calibration_metrics
 from mtmm.device import autocast
-from mtmm.distributed import Rank, gather, mean_across_ranks
+from mtmm.distributed import Rank, gather, mean_across_ranks, no_sync
 from mtmm.errors import UserError
 from mtmm.metrics import mean_over_tasks, task_metrics
 from mtmm.tasks import TaskSpec, masked_task_loss
+from mtmm.weighting.combine import add_partials
 
 log = logging.getLogger("mtmm")
 
@@ -169,14 +170,16 @@ def fit(run, metrics_log, save, progress: Progress, stop_requested=lambda: False
         started, seen, total = time.perf_counter(), 0, None
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.trainer.epochs}", leave=False,
                    disable=None if cfg.trainer.progress else True, dynamic_ncols=True)
-        for batch in bar:
-            stepped = train_step(run, batch, progress)
+        # trainer.grad_accum_steps batches make one optimizer step; at the epoch's end a shorter group steps anyway,
+        # so that every checkpoint (written only between optimizer steps) lies on a group boundary and resumes exactly.
+        for group in groups(bar, cfg.trainer.get("grad_accum_steps", 1)):
+            stepped = train_step(run, group, progress)
             if stepped is None:  # skipped: a non-finite loss under trainer.on_nonfinite=skip
                 continue
             total, losses, measured = stepped
             if measured is not None:
                 metrics_log.write(step=progress.step, epoch=epoch, split="conflict", **measured)
-            seen += len(batch["index"])
+            seen += sum(len(batch["index"]) for batch in group)
             rate = seen / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{total.item():.4f}", samples_per_s=f"{rate:.0f}")
             if progress.step % cfg.trainer.log_every == 0:
@@ -210,38 +213,79 @@ def fit(run, metrics_log, save, progress: Progress, stop_requested=lambda: False
     return progress
 
 
-def train_step(run, batch: dict, progress: Progress) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict | None] | None:
-    """One optimizer step on `batch`: forward, per-task masked losses, the weighting's combination, backward (or the
-    weighting's own per-task-gradient backward), clipping, step. Returns the total and per-task losses, and on every
-    trainer.log_conflict_every-th step the tasks' gradient norms and cosines (conflict.py); or None when a non-finite
-    loss made it skip the batch (trainer.on_nonfinite=skip); stops the run on one otherwise."""
+def groups(batches, size: int):
+    """Consecutive lists of `size` batches; the last may be shorter."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def train_step(run, batches: list[dict] | dict, progress: Progress
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict | None] | None:
+    """One optimizer step on `batches` (trainer.grad_accum_steps micro-batches, or one batch dict): per micro-batch
+    forward, per-task masked losses, the weighting's total, backward of total / N (or, for a gradient-combining
+    weighting, its per-task gradients); then clipping, step, scheduler step. Returns the mean total and per-task
+    losses over the micro-batches, and on every trainer.log_conflict_every-th step the tasks' gradient norms and
+    cosines of the first micro-batch (conflict.py); or None when non-finite losses made it skip every micro-batch
+    (trainer.on_nonfinite=skip; a skipped micro-batch adds nothing); stops the run on one otherwise.
+
+    Accumulation: loss-based weightings are called on each micro-batch's losses, and total / N is backpropagated,
+    which is exactly the weighting of the mean loss for static and uncertainty weighting (linear in the losses);
+    a method that updates its state when called (RLW's draw, FAMO, GradNorm, DWA's tallies) does so per
+    micro-batch. Gradient-combining methods on the parameters accumulate the per-task gradients over the N
+    micro-batches and combine them once (as one batch N times larger would); on the representation, whose rows
+    belong to one micro-batch's samples, each micro-batch is combined by itself and the updates averaged.
+
+    Under DDP the reducer averages only the last micro-batch's backward (no_sync before); gradient-combining
+    methods never use the reducer: they average their per-task gradients across processes themselves (combine.py).
+    """
     cfg, model, weighting, optimizer, scaler = run.cfg, run.model, run.weighting, run.optimizer, run.scaler
-    batch = to_device(batch, run.device)
-    with autocast(run.device, cfg.device.precision):
-        logits = run.forward(batch)
-        losses = {task.name: masked_task_loss(task.type, logits[task.name], batch["targets"][task.name],
-                                              batch["target_mask"][task.name]) for task in run.data.tasks}
-        total = weighting(losses, shared=model.last_shared_parameters() if weighting.needs_shared_parameters else None)
-    progress.batch += 1
-    bad = [task for task, loss in losses.items() if not torch.isfinite(loss)]
-    if bad and cfg.trainer.on_nonfinite == "skip":
-        progress.skipped_nonfinite += 1
-        log.warning("skipped batch %d of epoch %d: non-finite loss of %s", progress.batch, progress.epoch, bad)
-        return None
-    if bad:
-        raise UserError(f"the loss of task {bad[0]!r} is {losses[bad[0]].item()} at step {progress.step + 1} "
-                        f"(epoch {progress.epoch}); lower optim.lr, check the data, or set trainer.on_nonfinite=skip; "
-                        f"the last good checkpoint is kept")
-    measured = None
-    every = cfg.trainer.get("log_conflict_every") or 0
-    if every and (progress.step + 1) % every == 0:
-        measured = conflict.measure(losses, model, cfg.trainer.get("conflict_on", "parameters"))
-        conflict.tally(progress.conflicts, measured)
+    batches = [batches] if isinstance(batches, dict) else batches
+    n = len(batches)
+    combining = weighting.combines_gradients
+    per_step = combining and hasattr(weighting, "collect") and getattr(weighting, "on", None) == "parameters"
     optimizer.zero_grad(set_to_none=True)
-    if weighting.combines_gradients:
-        weighting.backward(losses, model)  # per-task gradients -> one combined update in .grad
-    else:
-        scaler.scale(total).backward()
+    partial, totals, task_losses, measured = None, [], [], None
+    for i, batch in enumerate(batches):
+        with no_sync(run.forward, skip=combining or i < n - 1):
+            batch = to_device(batch, run.device)
+            with autocast(run.device, cfg.device.precision):
+                logits = run.forward(batch)
+                losses = {task.name: masked_task_loss(task.type, logits[task.name], batch["targets"][task.name],
+                                                      batch["target_mask"][task.name]) for task in run.data.tasks}
+                total = weighting(losses,
+                                  shared=model.last_shared_parameters() if weighting.needs_shared_parameters else None)
+            progress.batch += 1
+            bad = [task for task, loss in losses.items() if not torch.isfinite(loss)]
+            if bad and cfg.trainer.on_nonfinite == "skip":
+                progress.skipped_nonfinite += 1
+                log.warning("skipped batch %d of epoch %d: non-finite loss of %s", progress.batch, progress.epoch, bad)
+                continue
+            if bad:
+                raise UserError(f"the loss of task {bad[0]!r} is {losses[bad[0]].item()} at step {progress.step + 1} "
+                                f"(epoch {progress.epoch}); lower optim.lr, check the data, or set "
+                                f"trainer.on_nonfinite=skip; the last good checkpoint is kept")
+            every = cfg.trainer.get("log_conflict_every") or 0
+            if every and measured is None and (progress.step + 1) % every == 0:
+                measured = conflict.measure(losses, model, cfg.trainer.get("conflict_on", "parameters"))
+                conflict.tally(progress.conflicts, measured)
+            if per_step:  # per-task gradients summed over the micro-batches, combined once below
+                partial = add_partials(partial, weighting.collect(losses, model))
+            elif combining:
+                weighting.backward(losses, model, **({"scale": 1 / n} if n > 1 else {}))
+            else:
+                scaler.scale(total / n if n > 1 else total).backward()
+            totals.append(total.detach())
+            task_losses.append({task: loss.detach() for task, loss in losses.items()})
+    if not totals:
+        return None
+    if per_step:
+        weighting.apply(partial, model, scale=len(totals) / n)  # apply() averages over the micro-batches it got
     if cfg.trainer.grad_clip is not None:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.trainer.grad_clip)
@@ -249,7 +293,8 @@ def train_step(run, batch: dict, progress: Progress) -> tuple[torch.Tensor, dict
     scaler.update()
     run.scheduler.step()
     progress.step += 1
-    return total, losses, measured
+    mean = lambda values: values[0] if len(values) == 1 else torch.stack(values).mean()  # noqa: E731
+    return mean(totals), {task: mean([l[task] for l in task_losses]) for task in task_losses[0]}, measured
 
 
 class StopSignal:

@@ -4,6 +4,7 @@ mtmm-train, scripts/bench.py and tests build a run the same way, so what they me
 """
 
 import logging
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -68,7 +69,8 @@ def setup(cfg: DictConfig, resume: dict | None = None, rank: Rank = Rank(), run_
     weighting = build_weighting(cfg).to(device)
     check_weighting(cfg, weighting, rank)
     optimizer = build_optimizer(cfg, model, weighting)
-    scheduler = build_scheduler(cfg, optimizer, total_steps=cfg.trainer.epochs * len(loaders["train"]))
+    steps_per_epoch = math.ceil(len(loaders["train"]) / cfg.trainer.get("grad_accum_steps", 1))  # optimizer steps
+    scheduler = build_scheduler(cfg, optimizer, total_steps=cfg.trainer.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.device.precision == "fp16" and device.type == "cuda")
     forward = model
     if rank.world_size > 1:

@@ -5,7 +5,8 @@ the encoder every epoch.
 One file per (split, modality), named by a key over everything the outputs depend on: the encoder's config and
 weights, the transform and the split's samples. Any change gives another key, so another file; an existing
 file is never rewritten. Our image transforms (resize, centre crop) and tokenisation are deterministic, which is
-what makes every frozen encoder cacheable; modality dropout and missing modalities are handled by the model
+what makes every frozen encoder cacheable (an augmented training split is the exception: its image features are
+computed live); modality dropout and missing modalities are handled by the model
 after the encoder, so they work on cached features as on live ones.
 """
 
@@ -69,11 +70,17 @@ def cache_paths(cfg: DictConfig, model: nn.Module, data) -> dict[str, dict[str, 
     if not frozen:
         return {}
     folder = Path(cfg.trainer.feature_cache_dir).expanduser()
+    augmented = [split for split, dataset in data.datasets.items() if getattr(dataset, "augment", None) is not None]
+    if "image" in frozen and augmented:
+        log.info("feature cache: not for the image features of %s: augmentation (augment) gives them new pixels "
+                 "every epoch, so the frozen image encoder runs on them live", "+".join(augmented))
     encoders = {m: OmegaConf.to_yaml(cfg.encoder[m], resolve=True) + weights_digest(e) for m, e in frozen.items()}
     paths = {}
     for split, dataset in data.datasets.items():
         paths[split] = {}
         for modality in frozen:
+            if modality == "image" and split in augmented:
+                continue
             key = hashlib.sha256(f"mtmm-features {VERSION} {modality}\n{encoders[modality]}\n"
                                  f"{samples_digest(dataset, modality, pad_id(data))}".encode()).hexdigest()
             paths[split][modality] = folder / f"{split}-{modality}-{key}.pt"

@@ -1,5 +1,6 @@
-"""The decoded-image cache: our image transforms are deterministic (resize, centre crop; no random augmentation),
-so a split's images decode to the same pixels in every epoch. They are decoded once into one file of uint8 rows,
+"""The decoded-image cache: our image transforms are deterministic (resize, centre crop), so a split's images decode
+to the same pixels in every epoch; random augmentation (data/augment.py) runs after, on the cached uint8 rows, and
+the training split is then stored a little larger than its crop. They are decoded once into one file of uint8 rows,
 and every later batch reads its rows from there instead of decoding PNG or JPEG files: the same pixels, so the same
 results, and a step no longer waits for decoding (README benchmark (c)).
 
@@ -110,6 +111,19 @@ def decoded_size(dataset: ManifestDataset) -> tuple[int, int]:
     return tuple(dataset.images([first]).shape[2:])
 
 
+class StoredRows(torch.utils.data.Dataset):
+    """A split's images as stored, before augmentation crops them (the rows the cache holds), and their index."""
+
+    def __init__(self, dataset: ManifestDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        return {"index": torch.as_tensor(indices, dtype=torch.long), "image": self.dataset.images(indices)}
+
+
 def file_bytes(shape) -> int:
     return HEADER_BYTES + math.prod(shape)
 
@@ -166,7 +180,7 @@ def build(dataset: ManifestDataset, path: Path, shape, split: str, batch_size: i
     if path.exists():
         log.warning("image cache: %s is incomplete or not ours; making it again", path)
     started = time.perf_counter()
-    loader = file_order_loader(dataset, batch_size, workers)
+    loader = file_order_loader(StoredRows(dataset), batch_size, workers)
 
     def write(file) -> None:
         file.write(header(shape))

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from mtmm.build import has_encoder, instantiate
 from mtmm.cache.features import SkipModalities
+from mtmm.data.augment import build_augment
 from mtmm.data.collate import finish_batch
 from mtmm.data.dataset import ManifestDataset
 from mtmm.data.images import ImageTransform
@@ -55,16 +56,21 @@ def build_data(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val", "test
         else:
             texts = [str(record.get("text") or "") for record in train_records]
             tokenizer = instantiate(cfg.encoder.text.tokenizer, texts=texts)
-    transform = None
+    transform = augment = None
     if has_encoder(cfg, "image"):
         transform = image_transform(cfg)
+        augment = build_augment(cfg.get("augment"), cfg.seed)
     max_length = cfg.encoder.text.get("max_length", 64)
-    datasets = {
-        split: ManifestDataset(source.records[split], source.files[split], source.image_root, tasks, transform,
-                               tokenizer, max_length, on_bad_sample=cfg.data.get("on_bad_sample", "error"),
-                               check_images=cfg.data.get("check_images", True))
-        for split in splits
-    }
+    datasets = {}
+    for split in splits:
+        # Only the training split is augmented: decoded (and cached) a little larger, cropped per sample.
+        augmented = augment is not None and split == "train"
+        split_transform = ImageTransform(size=augment.stored_side(transform.side)) if augmented else transform
+        datasets[split] = ManifestDataset(
+            source.records[split], source.files[split], source.image_root, tasks, split_transform, tokenizer,
+            max_length, on_bad_sample=cfg.data.get("on_bad_sample", "error"),
+            check_images=cfg.data.get("check_images", True), augment=augment if augmented else None)
+        datasets[split].side = transform.side if transform is not None else None
     return Data(datasets=datasets, tasks=tasks, tokenizer=tokenizer)
 
 
@@ -91,7 +97,7 @@ def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device:
     loads_images = split_data.transform is not None and "image" not in (cached or {})
     workers = loader_workers(cfg.data.num_workers, loads_images, device)
     if training:
-        sampler = EpochShuffle(len(dataset), seed, rank, world_size)
+        sampler = EpochShuffle(len(dataset), seed, rank, world_size, with_epoch=split_data.augment is not None)
     elif world_size > 1:
         sampler = list(range(len(dataset)))[rank::world_size]
     else:

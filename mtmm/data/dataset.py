@@ -30,10 +30,13 @@ class ManifestDataset(Dataset):
 
     def __init__(self, records: list[dict], manifest: Path, image_root: Path, tasks: list[TaskSpec],
                  transform: ImageTransform | None, tokenizer=None, max_length: int = 64, *,
-                 on_bad_sample: str = "error", check_images: bool = True):
+                 on_bad_sample: str = "error", check_images: bool = True, augment=None):
         if on_bad_sample not in ("error", "skip"):
             raise UserError(f"data.on_bad_sample={on_bad_sample!r}; use error or skip")
         self.manifest, self.tasks, self.transform = manifest, tasks, transform
+        # augment (data/augment.py, training split only): `transform` then decodes a little larger than the final
+        # side, and batch() crops each row to `side` (randomly for indices the training sampler tags with an epoch).
+        self.augment, self.side = augment, None
         check_columns(records, manifest, tasks, transform is not None, tokenizer is not None)
         if transform is not None:
             check_image_root(records, manifest, Path(image_root))
@@ -123,10 +126,16 @@ class ManifestDataset(Dataset):
         """The batch dict of DESIGN.md for these samples: a few indexing operations on per-split columns rather
         than a dict per sample and a loop over them, so that a step waits for as little as possible.
         `without`: modalities whose inputs are not loaded (their `present` flags still are)."""
+        epochs = None
+        if len(indices) and isinstance(indices[0], tuple):  # (epoch, index) pairs from EpochShuffle(with_epoch)
+            epochs, indices = [epoch for epoch, _ in indices], [i for _, i in indices]
         index = torch.as_tensor(indices, dtype=torch.long)
         batch = {"index": index}
         if self.transform is not None and "image" not in without:
             batch["image"] = self.images(index.tolist())
+            if self.augment is not None:
+                present = self.present["image"][index]
+                batch["image"] = self.augment(batch["image"], self.side, epochs, index.tolist(), present)
         if self.token_ids is not None and "text" not in without:
             length = int(self.token_lengths[index].max()) if len(index) else 0
             mask = torch.arange(length) < self.token_lengths[index, None]

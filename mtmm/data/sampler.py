@@ -6,8 +6,11 @@ from torch.utils.data import Sampler
 
 
 class EpochShuffle(Sampler[int]):
-    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, with_epoch: bool = False):
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        # with_epoch: yield (epoch, index) pairs. The epoch then travels to loader workers with each index (their
+        # copy of this sampler's state is stale under persistent_workers); augmentation is seeded by it.
+        self.with_epoch = with_epoch
         self.epoch, self.start = 1, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -23,7 +26,8 @@ class EpochShuffle(Sampler[int]):
         return padded[self.rank::self.world_size]
 
     def __iter__(self):
-        return iter(self.order()[self.start:])
+        order = self.order()[self.start:]
+        return iter([(self.epoch, index) for index in order] if self.with_epoch else order)
 
     def __len__(self) -> int:
         return -(-self.size // self.world_size) - self.start

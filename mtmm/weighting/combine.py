@@ -5,6 +5,7 @@ GradDrop, GradVac, DB-MTL, FairGrad)."""
 import inspect
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mtmm.errors import UserError
@@ -46,6 +47,9 @@ class GradientCombination(nn.Module):
             raise UserError(f"loss.options.{unknown[0]} is not an option of loss={method}; it takes {accepted}")
         self.stateful = "state" in inspect.signature(METHODS[method]).parameters
         self.register_buffer("last_weights", torch.ones(len(task_weights)))
+        if method == "graddrop":  # its draws: seeded by the run's seed (set before the weighting is built) and count
+            self.register_buffer("seed", torch.tensor(torch.initial_seed() % 2 ** 62, dtype=torch.int64))
+            self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
 
     def forward(self, losses: dict[str, torch.Tensor], shared=None) -> torch.Tensor:
         """The plain weighted sum: what is logged as the step's loss."""
@@ -59,53 +63,136 @@ class GradientCombination(nn.Module):
         pass
 
     def backward(self, losses: dict[str, torch.Tensor], model: nn.Module,
-                 labelled: dict[str, bool] | None = None) -> None:
-        """Fill .grad of every trainable parameter of `model` (call after optimizer.zero_grad()).
+                 labelled: dict[str, bool] | None = None, scale: float = 1.0) -> None:
+        """Fill .grad of every trainable parameter of `model` (call after optimizer.zero_grad()): collect this
+        batch's per-task gradients, then combine them (apply). `scale` multiplies what is added to .grad (1/N for a
+        micro-batch of N combined one by one, loss.on=representation under trainer.grad_accum_steps=N).
 
         `labelled[task]` says whether the batch had a label for the task; without it, a loss of exactly 0 is taken to
         mean none (masked_task_loss's convention). A labelled task whose loss is exactly 0 has a zero gradient anyway.
         """
-        tasks = list(losses)
-        scaled = [self.task_weights[task] * losses[task] for task in tasks]
-        if labelled is None:
-            present = (torch.stack([l.detach() for l in scaled]) != 0).tolist()
-        else:
-            present = [bool(labelled[task]) for task in tasks]
+        self.apply(self.collect(losses, model, labelled), model, scale=scale)
+
+    def _points(self, model: nn.Module) -> tuple[list, list, list]:
+        """(where the per-task gradients are taken, the parameters those points backpropagate into, the rest)."""
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if self.on == "parameters":
             shared = [p for name, p in named if not name.startswith(("heads.", "shared."))] + \
                      [p for name, p in named if name.startswith("shared.")]
-            rest = [p for name, p in named if name.startswith("heads.")]
-            points = shared
+            return shared, [], [p for name, p in named if name.startswith("heads.")]
+        below = [p for name, p in named if not name.startswith(("heads.", "shared."))]
+        return [model.fused], below, [p for name, p in named if name.startswith(("heads.", "shared."))]
+
+    def collect(self, losses: dict[str, torch.Tensor], model: nn.Module,
+                labelled: dict[str, bool] | None = None) -> dict:
+        """This process's per-task gradients of one batch, not yet combined: `rows` [K, P] on the gradient points (a
+        zero row for a task absent from the batch), `rest` the gradient of sum_k lambda_k L_k on the task-specific
+        parameters, `losses` the scaled losses, `present` which tasks had labels, `count` batches. Partials of
+        several micro-batches add up (add_partials); apply() combines them once (loss.on=parameters)."""
+        tasks = list(losses)
+        scaled = [self.task_weights[task] * losses[task] for task in tasks]
+        if labelled is None:
+            present = [bool(v) for v in (torch.stack([l.detach() for l in scaled]) != 0).tolist()]
         else:
-            points = [model.fused]
-            rest = [p for name, p in named if name.startswith(("heads.", "shared."))]
-        active = [i for i, here in enumerate(present) if here]
-        weights = torch.zeros(len(tasks))
+            present = [bool(labelled[task]) for task in tasks]
+        points, _, rest = self._points(model)
+        rows = torch.zeros(len(tasks), sum(p.numel() for p in points), device=points[0].device,
+                           dtype=points[0].dtype)
+        for i, here in enumerate(present):
+            if here and scaled[i].requires_grad:
+                rows[i] = flat_grad(torch.autograd.grad(scaled[i], points, retain_graph=True, allow_unused=True),
+                                    points)
+        total = sum(scaled)
+        grads = [None] * len(rest)
+        if rest and total.requires_grad:
+            grads = torch.autograd.grad(total, rest, retain_graph=True, allow_unused=True)
+        return {"rows": rows, "rest": [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, rest)],
+                "used": torch.tensor([g is not None for g in grads], dtype=torch.float32),  # None stays None
+                "losses": torch.stack([l.detach().float() for l in scaled]),
+                "present": torch.tensor(present, dtype=torch.float32), "count": 1}
+
+    def apply(self, partial: dict, model: nn.Module, scale: float = 1.0) -> None:
+        """Combine collected per-task gradients into .grad (added to what is there, times `scale`).
+
+        Under torch.distributed every process holds the partial of its own share of the global batch. On the
+        parameters one all_reduce of [rows, rest, losses, present] makes them the mean over processes (DDP's
+        average), so every process combines the same matrix and, the method being deterministic on the same input
+        (GradDrop draws from a generator seeded by the step, not by the process), computes the same update. On the
+        representation the rows of different processes belong to different samples: they are gathered (each
+        divided by the number of processes: the global batch's mean loss), combined, and each process
+        backpropagates its own samples' part; the parameters below the representation then get the sum over
+        processes, the task-specific ones the mean."""
+        points, below, rest = self._points(model)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        count = partial["count"]
+        rows, rest_grads = partial["rows"], partial["rest"]
+        losses, present = partial["losses"].to(rows.device), partial["present"].to(rows.device)
+        used = partial["used"].to(rows.device)
+        if world > 1:
+            per_sample = self.on == "representation"
+            pack = torch.cat([*([] if per_sample else [rows.reshape(-1)]), *(g.reshape(-1).to(rows.dtype)
+                              for g in rest_grads), losses.to(rows.dtype), present.to(rows.dtype),
+                              used.to(rows.dtype)])
+            dist.all_reduce(pack)
+            at = 0
+            if not per_sample:
+                rows, at = pack[:rows.numel()].view_as(rows), rows.numel()
+            rest_grads = [pack[at + offset:at + offset + g.numel()].view_as(g) for g, offset in
+                          zip(rest_grads, _offsets(rest_grads))]
+            at += sum(g.numel() for g in rest_grads)
+            k = len(losses)
+            losses, present = pack[at:at + k].float(), pack[at + k:at + 2 * k].float()
+            used = pack[at + 2 * k:]
+            if per_sample:
+                rows, mine = gather_columns(rows)
+        divide = count * world
+        rows, losses = rows / divide, losses / divide
+        rest_grads = [g / divide for g in rest_grads]
+        active = [i for i, here in enumerate((present > 0).tolist()) if here]
+        weights = torch.zeros(len(losses))
         if active:
-            rows = [flat_grad(torch.autograd.grad(scaled[i], points, retain_graph=True, allow_unused=True), points)
-                    for i in active]
-            grads = torch.stack(rows)
             options = dict(self.options)
             if self.stateful:
                 options["state"] = state = self._state_of(active)
-            update, picked = METHODS[self.method](grads, torch.stack([scaled[i].detach() for i in active]), **options)
+            if self.method == "graddrop":
+                options["generator"] = self._generator()
+            update, picked = METHODS[self.method](rows[active], losses[active].to(rows.dtype), **options)
             if self.stateful:
                 self._keep_state(active, state)
             weights[active] = picked.detach().float().cpu()
         else:  # nothing to learn from on the shared part this step
-            update = torch.zeros(sum(p.numel() for p in points), device=points[0].device, dtype=points[0].dtype)
-        lam = torch.tensor([self.task_weights[t] for t in tasks])
+            update = torch.zeros(rows.shape[1], device=rows.device, dtype=rows.dtype)
+        lam = torch.tensor([self.task_weights[t] for t in self.task_weights])
         self.last_weights.copy_((weights * lam).to(self.last_weights.device))
-        total = sum(scaled)
-        if rest:
-            for parameter, grad in zip(rest, torch.autograd.grad(total, rest, retain_graph=True, allow_unused=True)):
-                parameter.grad = grad
+        for parameter, grad, reached in zip(rest, rest_grads, (used > 0).tolist()):
+            if reached:  # a head no loss reached (on any process) keeps .grad None, so the optimizer skips it
+                _add_grad(parameter, grad * scale)
         if self.on == "parameters":
             for parameter, piece in zip(points, unflatten(update, points)):
-                parameter.grad = piece
-        else:
-            model.fused.backward(update.view_as(model.fused))
+                _add_grad(parameter, piece * scale)
+            return
+        if world > 1:
+            update = update[mine]
+        before = [p.grad for p in below]
+        for p in below:
+            p.grad = None
+        model.fused.backward((update * scale).view_as(model.fused))
+        if world > 1:  # each process backpropagated its own samples' part of one update: the sum is the whole
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in below]
+            if grads:
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                dist.all_reduce(flat)
+                for p, g, offset in zip(below, grads, _offsets(grads)):
+                    p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        for p, old in zip(below, before):
+            if old is not None:
+                p.grad = old if p.grad is None else p.grad + old
+
+    def _generator(self) -> torch.Generator:
+        """GradDrop's draws: a CPU generator seeded by the run's seed and the number of combinations so far, the
+        same in every process and in one (a resumed run continues the count: it is a buffer)."""
+        self.draws += 1
+        return torch.Generator().manual_seed((int(self.seed) * 1_000_003 + int(self.draws)) % 2 ** 63)
 
     def _state_of(self, active: list[int]) -> dict[str, torch.Tensor]:
         """The method's state for the tasks present this step (gradient.py's naming: pair_*, task_*, the rest)."""
@@ -143,6 +230,9 @@ class GradientCombination(nn.Module):
                 buffer.copy_(value)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("seed", "draws"):  # a checkpoint from before GradDrop's own generator: keep the fresh values
+            if name in self._buffers and prefix + name not in state_dict:
+                state_dict[prefix + name] = self._buffers[name].clone()
         # The method's state is created at the first step, sized by the shared parameters: a fresh module takes the
         # saved buffers' shapes, so that a checkpoint written after step 1 loads into it.
         for key, value in state_dict.items():
@@ -165,3 +255,40 @@ def unflatten(vector: torch.Tensor, points) -> list[torch.Tensor]:
         pieces.append(vector[start:start + point.numel()].view_as(point).to(point.dtype))
         start += point.numel()
     return pieces
+
+
+def _offsets(tensors) -> list[int]:
+    offsets, at = [], 0
+    for t in tensors:
+        offsets.append(at)
+        at += t.numel()
+    return offsets
+
+
+def _add_grad(parameter: torch.Tensor, grad: torch.Tensor) -> None:
+    grad = grad.to(parameter.dtype)
+    parameter.grad = grad.clone() if parameter.grad is None else parameter.grad + grad
+
+
+def add_partials(a: dict | None, b: dict) -> dict:
+    """Two micro-batches' collected gradients -> one (their sum; apply() divides by the count)."""
+    if a is None:
+        return b
+    return {"rows": a["rows"] + b["rows"], "rest": [x + y for x, y in zip(a["rest"], b["rest"])],
+            "used": torch.maximum(a["used"], b["used"]),
+            "losses": a["losses"] + b["losses"], "present": torch.maximum(a["present"], b["present"]),
+            "count": a["count"] + b["count"]}
+
+
+def gather_columns(rows: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """Every process's [K, n_r] columns side by side in rank order (n_r may differ), and this process's slice."""
+    world, me = dist.get_world_size(), dist.get_rank()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=rows.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([rows.shape[1]], dtype=torch.int64, device=rows.device))
+    sizes = [int(s) for s in sizes]
+    padded = torch.zeros(rows.shape[0], max(sizes), dtype=rows.dtype, device=rows.device)
+    padded[:, :rows.shape[1]] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    start = sum(sizes[:me])
+    return torch.cat([part[:, :n] for part, n in zip(parts, sizes)], dim=1), slice(start, start + sizes[me])

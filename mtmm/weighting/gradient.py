@@ -294,16 +294,18 @@ def upgrad(grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
     return _finish(weights / k, g, grads)
 
 
-def graddrop(grads: Tensor, losses: Tensor, *, leak: float = 0.0) -> tuple[Tensor, Tensor]:
+def graddrop(grads: Tensor, losses: Tensor, *, leak: float = 0.0,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """GradDrop (Chen et al. 2020): per coordinate, keep only the gradients of one sign, drawn by sign purity.
 
     P = (1 + sum_i g_i / sum_i |g_i|) / 2; with one uniform draw U per coordinate, g_i is kept where (P > U and
     g_i > 0) or (P < U and g_i < 0); update = sum_i (leak + (1 - leak) mask_i) g_i. As torchjd: per coordinate of G.
     The paper places a GradDrop layer on activations, summing sign-corrected gradients over the batch before
     computing P; with per-task gradients on the parameters (or the flattened fused representation, loss.on=
-    representation) there is no batch axis to sum over. The draws come from torch's global RNG on the gradients'
-    device (saved in checkpoints, so a resumed run draws on exactly as before); seeded the same, this matches
-    torchjd's GradDrop bit for bit. The update is not a weighted sum of the rows: weights[i] is the share of
+    representation) there is no batch axis to sum over. The draws come from `generator` (a CPU generator) or, when
+    None, torch's global RNG on the gradients' device; seeded the same, the latter matches torchjd's GradDrop bit for
+    bit. In training, GradientCombination passes a generator seeded by the run's seed and the step, so that every
+    process of a distributed run draws the same numbers. The update is not a weighted sum of the rows: weights[i] is the share of
     ||g_i||^2 that passed, g_i.kept_i / ||g_i||^2 (1 for a zero gradient).
     """
     if not 0 <= leak <= 1:
@@ -312,7 +314,10 @@ def graddrop(grads: Tensor, losses: Tensor, *, leak: float = 0.0) -> tuple[Tenso
         raise ValueError(f"grads must be a [K, P] matrix of per-task gradients with K >= 1, got {tuple(grads.shape)}")
     magnitude = grads.abs().sum(0)
     purity = 0.5 * (1 + grads.sum(0) / torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude)))
-    draw = torch.rand(purity.shape, dtype=grads.dtype, device=grads.device)
+    if generator is None:
+        draw = torch.rand(purity.shape, dtype=grads.dtype, device=grads.device)
+    else:  # a CPU generator (GradientCombination's: the same draws in every process of a distributed run)
+        draw = torch.rand(purity.shape, dtype=grads.dtype, generator=generator).to(grads.device)
     mask = ((purity > draw) & (grads > 0)) | ((purity < draw) & (grads < 0))
     kept = (leak + (1 - leak) * mask.to(grads.dtype)) * grads
     g = grads.to(torch.float64)

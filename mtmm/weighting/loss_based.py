@@ -21,6 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mtmm.distributed import mean_across_processes
 from mtmm.errors import UserError
 
 
@@ -225,7 +226,9 @@ class FAMO(nn.Module):
 
     def forward(self, losses: dict[str, Tensor], shared: list[Tensor] | None = None) -> Tensor:
         loss = _stack(self.tasks, losses)
-        value = loss.detach().float()
+        # Under torch.distributed: the losses and the gradients at W are the means over processes (the global
+        # batch's, as DDP averages), so every process takes the same Adam step on the same numbers.
+        value = mean_across_processes(loss.detach().float())
         present = value > 0
         if self.training:
             if bool(self.has_prev):
@@ -293,19 +296,22 @@ class GradNorm(nn.Module):
     def _update(self, loss: Tensor, shared: list[Tensor]) -> None:
         if not shared:
             raise ValueError("GradNorm got no shared parameter that requires grad; it balances their gradients")
-        value = loss.detach().float()
+        # Under torch.distributed: the losses and the gradients at W are the means over processes (the global
+        # batch's, as DDP averages), so every process takes the same Adam step on the same numbers.
+        value = mean_across_processes(loss.detach().float())
         present = value > 0
         self.initial_losses.copy_(torch.where((self.initial_losses == 0) & present, value, self.initial_losses))
         flags = present.tolist()
         count = sum(flags)
         if count == 0:
             return
-        norms = torch.zeros_like(value)  # ||grad_W L_k||, so that G_k = w_k norms_k
+        rows = torch.zeros(len(flags), sum(p.numel() for p in shared), device=value.device)  # grad_W L_k
         for k, here in enumerate(flags):
-            if here and loss[k].requires_grad:
+            if here and loss[k].requires_grad and loss[k].detach() != 0:
                 grads = torch.autograd.grad(loss[k], shared, retain_graph=True, allow_unused=True)
-                squares = [(g.float() ** 2).sum() for g in grads if g is not None]
-                norms[k] = torch.stack(squares).sum().sqrt() if squares else 0.0
+                rows[k] = torch.cat([(g if g is not None else torch.zeros_like(p)).float().reshape(-1)
+                                     for g, p in zip(grads, shared)])
+        norms = mean_across_processes(rows).norm(dim=1)  # ||grad_W L_k||, so that G_k = w_k norms_k
         g = self.w * norms
         rate = torch.where(present, value / self.initial_losses.clamp_min(1e-12), 0.0)
         relative = rate / (rate.sum() / count)

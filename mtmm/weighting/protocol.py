@@ -42,6 +42,9 @@ def check_weighting(cfg: DictConfig, weighting, rank: Rank) -> None:
     if weighting.combines_gradients and cfg.device.precision == "fp16":
         raise UserError(f"loss={cfg.loss.get('method', cfg.loss._target_)} combines per-task gradients, which fp16's "
                         f"loss scaling would distort; use device.precision=bf16 or fp32")
-    if (weighting.combines_gradients or weighting.needs_shared_parameters) and rank.world_size > 1:
-        raise UserError(f"loss={cfg.loss.get('method', cfg.loss._target_)} takes per-task gradients, which "
-                        f"DistributedDataParallel does not average; use one process (device.nproc_per_node=1)")
+    accumulate = cfg.trainer.get("grad_accum_steps", 1)
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise UserError(f"trainer.grad_accum_steps={accumulate!r}; use a whole number >= 1 (batches of "
+                        f"data.batch_size per optimizer step; 1: no accumulation)")
+    # Under device.nproc_per_node=N the gradient-based methods average their per-task gradients over the processes
+    # themselves (combine.py, GradNorm), so every process combines the same matrix: nothing to refuse.

@@ -46,5 +46,9 @@ def check_weighting(cfg: DictConfig, weighting, rank: Rank) -> None:
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
         raise UserError(f"trainer.grad_accum_steps={accumulate!r}; use a whole number >= 1 (batches of "
                         f"data.batch_size per optimizer step; 1: no accumulation)")
-    # Under device.nproc_per_node=N the gradient-based methods average their per-task gradients over the processes
-    # themselves (combine.py, GradNorm), so every process combines the same matrix: nothing to refuse.
+    # combine.py and GradNorm already average their per-task gradients over the processes, so every process would
+    # combine the same matrix; that path has not yet been checked against one process on the same global batch, so
+    # it stays refused until that test exists.
+    if (weighting.combines_gradients or weighting.needs_shared_parameters) and rank.world_size > 1:
+        raise UserError(f"loss={cfg.loss.get('method', cfg.loss._target_)} takes per-task gradients, and their "
+                        f"averaging over processes is not verified yet; use one process (device.nproc_per_node=1)")

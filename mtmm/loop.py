@@ -248,7 +248,7 @@ def train_step(run, batches: list[dict] | dict, progress: Progress
     batches = [batches] if isinstance(batches, dict) else batches
     n = len(batches)
     combining = weighting.combines_gradients
-    per_step = combining and hasattr(weighting, "collect") and getattr(weighting, "on", None) == "parameters"
+    per_step = combining and getattr(weighting, "combines_once_per_step", False)
     optimizer.zero_grad(set_to_none=True)
     partial, totals, task_losses, measured = None, [], [], None
     for i, batch in enumerate(batches):
@@ -279,7 +279,7 @@ def train_step(run, batches: list[dict] | dict, progress: Progress
             elif combining:
                 weighting.backward(losses, model, **({"scale": 1 / n} if n > 1 else {}))
             else:
-                scaler.scale(total / n if n > 1 else total).backward()
+                scaler.scale(total / n).backward()  # / 1 is exact: without accumulation nothing changes
             totals.append(total.detach())
             task_losses.append({task: loss.detach() for task, loss in losses.items()})
     if not totals:

@@ -62,6 +62,12 @@ class GradientCombination(nn.Module):
     def end_epoch(self) -> None:
         pass
 
+    @property
+    def combines_once_per_step(self) -> bool:
+        """On the parameters, the per-task gradients of trainer.grad_accum_steps micro-batches add up (collect, then
+        add_partials) and are combined once (apply); the representation's rows belong to one micro-batch each."""
+        return self.on == "parameters"
+
     def backward(self, losses: dict[str, torch.Tensor], model: nn.Module,
                  labelled: dict[str, bool] | None = None, scale: float = 1.0) -> None:
         """Fill .grad of every trainable parameter of `model` (call after optimizer.zero_grad()): collect this

@@ -4,7 +4,9 @@ conf/loss/*.yaml by its `_target_`) has, its flags declared, not guessed.
 Each step the loop calls `total = weighting(losses, shared=...)` with the per-task masked losses ({task: scalar};
 exactly 0 for a task with no label in the batch), then either `total.backward()` or, for a method with
 `combines_gradients`, `weighting.backward(losses, model)`, which fills the parameters' .grad itself. After every
-training epoch it calls `end_epoch()`; `weights()` is what metrics.jsonl logs. A user's own method plugs in through
+training epoch it calls `end_epoch()`; `weights()` is what metrics.jsonl logs. Optional: `combines_once_per_step`
+(True: under trainer.grad_accum_steps the loop sums `collect(losses, model)` over the micro-batches and calls
+`apply(partial, model, scale)` once, as combine.py does on the parameters). A user's own method plugs in through
 `loss._target_` (from a checkpoint only with trusted_targets=...), with these members.
 """
 

@@ -23,8 +23,9 @@ class MetricsLog:
     """Appends one JSON object per line and flushes, so a killed run keeps every record written so far.
     Disabled (enabled=False) on the processes of a distributed run other than rank 0."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, trackers: list | None = None):
         self.path = path
+        self.trackers = list(trackers or []) if enabled else []  # mtmm/loggers: fed the same records
         self.file = path.open("a", encoding="utf-8") if enabled else None
         # Lines in the file: a checkpoint stores it, and resuming from that checkpoint keeps exactly those lines.
         self.lines = count_lines(path) if enabled else 0
@@ -32,8 +33,11 @@ class MetricsLog:
     def write(self, **record) -> None:
         if self.file is None:
             return
+        record = clean(record)
+        for tracker in self.trackers:
+            tracker.log(record, self.lines)
         try:
-            self.file.write(json.dumps(clean(record)) + "\n")
+            self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         except OSError as error:
             if not disk_full(error):
@@ -42,9 +46,18 @@ class MetricsLog:
                             f"space and continue with mtmm-train resume={self.path.parent}") from None
         self.lines += 1
 
+    def finish(self, summary: dict) -> None:
+        """The run's end: the trackers note the best checkpoint (and what else summary.json says)."""
+        for tracker in self.trackers:
+            tracker.finish(summary)
+
     def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
         if self.file is not None:
             self.file.close()
+            self.file = None
 
 
 def count_lines(path: Path) -> int:

@@ -19,7 +19,8 @@ from mtmm.checkpoint import CheckpointWriter, load_checkpoint, restore
 from mtmm.device import resolve_device
 from mtmm.errors import UserError, exit_with
 from mtmm.loop import Progress, Stop, StopSignal, evaluate, fit
-from mtmm.records import MetricsLog, truncate_jsonl, write_json
+from mtmm.loggers import Resume, build_trackers, check_trackers, points
+from mtmm.records import MetricsLog, count_lines, truncate_jsonl, write_json
 from mtmm.resume import claim_before_hydra, resume_target, resumed_config
 from mtmm.run import Run, setup
 from mtmm.run_folder import claim, release
@@ -85,6 +86,8 @@ def distributed_worker(cfg_yaml: str, run_dir: str, resume_path: str | None) -> 
 def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Rank()) -> float:
     """Set up, train, test the last and the best checkpoint, write summary.json; returns the best monitored value."""
     started = time.time()
+    if rank.main:  # a missing tracker package stops the run before anything is built
+        check_trackers(cfg.get("logger"))
     job = setup(cfg, resume, rank, run_dir)
     progress = Progress()
     if resume is not None:
@@ -95,12 +98,7 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
         write_text_atomically(run_dir / "config.yaml", config_yaml)
     if rank.main and resume is None and job.data.tokenizer is not None:
         job.data.tokenizer.save_pretrained(run_dir / "tokenizer")
-    if rank.main and resume is not None:  # records written after the checkpoint will be written again
-        if "records" in resume:  # exactly the lines the file had when the checkpoint was written
-            truncate_jsonl(run_dir / "metrics.jsonl", lines=resume["records"])
-        else:  # a checkpoint of an earlier mtmm: by step
-            truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r.get("step") is not None and r["step"] <= progress.step)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=rank.main)
+    metrics_log = open_metrics_log(cfg, run_dir, resume, progress.step, rank)
     checkpoints = CheckpointWriter(job, config_yaml, metrics_log)
 
     stop = StopSignal()
@@ -114,6 +112,10 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
             test[tag] = evaluate(job.model, job.loaders["test"], job.data.tasks, job.device, cfg.device.precision, rank,
                                  stop.requested)[0]
             metrics_log.write(step=None, epoch=None, split="test", checkpoint=tag, **test[tag])
+        if rank.main:
+            done = summary(job, progress, test, checkpoints.static["data"]["skipped"], time.time() - started)
+            write_json(run_dir / "summary.json", done)
+            metrics_log.finish(done)
     except Stop:
         raise UserError(f"stopped by {stop.name} at step {progress.step} (epoch {progress.epoch}); the checkpoint "
                         f"{job.paths['last']} is written. Resume with: mtmm-train resume={run_dir}") from None
@@ -121,9 +123,6 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
         metrics_log.close()
         stop.restore()
 
-    if rank.main:
-        write_json(run_dir / "summary.json", summary(job, progress, test, checkpoints.static["data"]["skipped"],
-                                                     time.time() - started))
     best = progress.best
     log.info("best epoch %d (%s=%.4f); test of best.pt: %s", best["epoch"], cfg.trainer.monitor, best["value"],
              ", ".join(f"{task} {name} {value:.4f}" for task, values in test["best"].items() if task != "mean"
@@ -153,6 +152,23 @@ def summary(job: Run, progress: Progress, test: dict, skipped: dict, seconds: fl
         "gradient_conflict": conflict.summarise(progress.conflicts),
         "wall_time_s": round(seconds, 2),
     }
+
+
+def open_metrics_log(cfg: DictConfig, run_dir: Path, resume: dict | None, step: int, rank) -> MetricsLog:
+    """metrics.jsonl, cut back on resume to the records written before the checkpoint (they are written again), and
+    the trackers of cfg.logger fed the same records; a resumed tracker skips the points it received before."""
+    path = run_dir / "metrics.jsonl"
+    if not rank.main:
+        return MetricsLog(path, enabled=False)
+    sent = points(path) if resume is not None and cfg.get("logger") else set()  # read before the cut
+    if resume is not None:
+        if "records" in resume:  # exactly the lines the file had when the checkpoint was written
+            truncate_jsonl(path, lines=resume["records"])
+        else:  # a checkpoint of an earlier mtmm: by step
+            truncate_jsonl(path, lambda r: r.get("step") is not None and r["step"] <= step)
+    resumed = Resume(step, count_lines(path), sent) if resume is not None else None
+    trackers = build_trackers(cfg.get("logger"), run_dir, OmegaConf.to_container(cfg, resolve=True), resumed)
+    return MetricsLog(path, trackers=trackers)
 
 
 def json_value(path: Path, key: str):

@@ -3,6 +3,7 @@ mtmm/data/build.py)."""
 
 import inspect
 import math
+import re
 
 import torch
 from hydra.errors import InstantiationException
@@ -36,15 +37,16 @@ def has_encoder(cfg: DictConfig, modality: str) -> bool:
 
 def build_model(cfg: DictConfig, tasks: list[TaskSpec], tokenizer=None, checkpoint: dict | None = None) -> MultiTaskModel:
     """The network. When restoring from a `checkpoint` (its contents) no pretrained file is read: the architecture
-    comes from the config (and the checkpoint's text_config for a pretrained text model), the weights from the
-    checkpoint."""
+    comes from the config (and the checkpoint's text_config / image_config for a Hugging Face encoder), the weights
+    from the checkpoint."""
     restoring = checkpoint is not None
-    saved_text_config = checkpoint.get("text_config") if restoring else None
+    saved = lambda modality: checkpoint.get(f"{modality}_config") if restoring else None  # noqa: E731
     encoders = {}
     if has_encoder(cfg, "image"):
-        encoders["image"] = instantiate(cfg.encoder.image, pretrained=not restoring)
+        extra = {"saved_config": saved("image")} if saved("image") is not None else {}  # a Hugging Face encoder
+        encoders["image"] = instantiate(cfg.encoder.image, pretrained=not restoring, **extra)
     if has_encoder(cfg, "text"):
-        encoders["text"] = instantiate(cfg.encoder.text, tokenizer=tokenizer, saved_config=saved_text_config,
+        encoders["text"] = instantiate(cfg.encoder.text, tokenizer=tokenizer, saved_config=saved("text"),
                                        pretrained=not restoring)
     fusion = instantiate(cfg.fusion, input_dims={m: e.dim for m, e in encoders.items()})
     shared = instantiate(cfg.mtl, in_dim=fusion.dim, tasks=[task.name for task in tasks])
@@ -54,10 +56,12 @@ def build_model(cfg: DictConfig, tasks: list[TaskSpec], tokenizer=None, checkpoi
 
 
 def build_optimizer(cfg: DictConfig, model: MultiTaskModel, weighting: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW with two learning rates (encoders / the rest); no weight decay on biases and norm weights."""
+    """AdamW with two learning rates (encoders / the rest), the encoders' decayed layer by layer with
+    optim.layer_decay; no weight decay on biases and norm weights."""
     encoder_lr = cfg.optim.encoder_lr if cfg.optim.encoder_lr is not None else cfg.optim.lr
+    scales = layer_scales([name for name, _ in model.named_parameters()], cfg.optim.get("layer_decay"))
     groups = {}
-    named = [(name, p, encoder_lr if name.startswith("encoders.") else cfg.optim.lr)
+    named = [(name, p, encoder_lr * scales.get(name, 1.0) if name.startswith("encoders.") else cfg.optim.lr)
              for name, p in model.named_parameters()]
     named += [(f"weighting.{name}", p, cfg.optim.lr) for name, p in weighting.named_parameters()]
     for name, parameter, lr in named:
@@ -67,6 +71,33 @@ def build_optimizer(cfg: DictConfig, model: MultiTaskModel, weighting: torch.nn.
         groups.setdefault((lr, decay), []).append(parameter)
     return torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": decay}
                               for (lr, decay), params in groups.items()], betas=tuple(cfg.optim.betas))
+
+
+BLOCK = re.compile(r"\.(?:layer|layers|blocks|stages|resblocks)\.(\d+)\.")  # transformer blocks, as libraries name them
+EMBEDDING = re.compile(r"embed|cls_token|pos_|register_tokens|mask_token|stem")
+
+
+def layer_scales(names: list[str], decay: float | None) -> dict[str, float]:
+    """parameter name -> its learning-rate factor under layer-wise decay (BEiT, ELECTRA): in an encoder with L
+    blocks, block i (from 0) gets decay^(L - i), the embeddings decay^(L + 1), what follows the blocks (final norm,
+    pooler, mtmm's norm) 1. Encoders without numbered blocks (the small CNN) are left at 1."""
+    if decay is None:
+        return {}
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+        raise UserError(f"optim.layer_decay={decay!r}; use a number in (0, 1] (e.g. 0.75), or null")
+    scales = {}
+    for modality in {name.split(".")[1] for name in names if name.startswith("encoders.")}:
+        own = [name for name in names if name.startswith(f"encoders.{modality}.")]
+        blocks = {name: int(match.group(1)) for name in own if (match := BLOCK.search(name))}
+        if not blocks:
+            continue
+        count = max(blocks.values()) + 1
+        for name in own:
+            if name in blocks:
+                scales[name] = decay ** (count - blocks[name])
+            elif EMBEDDING.search(name.split(".", 2)[2]):
+                scales[name] = decay ** (count + 1)
+    return scales
 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int):

@@ -1,7 +1,7 @@
 """The checkpoint format: a plain dict of tensors, numbers and strings, loadable with weights_only=True.
 
 Keys: format, version, config (resolved YAML text), model, weighting, optimizer, scheduler, scaler, epoch, step,
-progress, rng, metrics, data (tokenizer files, label names), text_config (architecture of a pretrained text model),
+progress, rng, metrics, data (tokenizer files, label names), text_config / image_config (architecture of a Hugging Face encoder),
 records (lines of metrics.jsonl when it was written). Written atomically; `restore` puts it all back in place.
 """
 
@@ -36,7 +36,8 @@ class CheckpointWriter:
     def __init__(self, run, config_yaml: str, records):
         self.run, self.records = run, records
         self.static = {"config": config_yaml, "data": run.data.state(),
-                       "text_config": run.model.encoders["text"].config_json() if "text" in run.model.encoders else None}
+                       **{f"{modality}_config": architecture(run.model.encoders[modality])
+                          if modality in run.model.encoders else None for modality in ("text", "image")}}
         self.written = {}  # tag -> the progress its file holds
 
     def save(self, tag: str, progress: Progress) -> None:
@@ -89,9 +90,15 @@ def set_rng_state(saved: dict) -> None:
         torch.cuda.set_rng_state_all(saved["cuda"])
 
 
+def architecture(encoder) -> str | None:
+    """A Hugging Face encoder's model config as JSON (what rebuilds it without its files); None for the others,
+    whose architecture the run's config describes in full."""
+    return encoder.config_json() if hasattr(encoder, "config_json") else None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load and check a checkpoint, or a folder written by `mtmm-export format=safetensors` (read into the same
-    dict: config, data, model, text_config, epoch, step, metrics); anything else (missing, truncated, foreign) is
+    dict: config, data, model, text_config, image_config, epoch, step, metrics); anything else (missing, truncated, foreign) is
     a one-line UserError."""
     path = Path(path).expanduser()
     if path.is_dir():

@@ -2,7 +2,7 @@
 
 - safetensors: model.safetensors (weights only), config.yaml (the checkpoint's config, checked as mtmm/trust.py
   says), labels.json (the checkpoint's `data` entry: classes and regression statistics per task), the tokenizer
-  files, text_config.json (a pretrained text model's architecture), export.json (epoch, step, metrics) and a
+  files, text_config.json / image_config.json (a Hugging Face encoder's architecture), export.json (epoch, step, metrics) and a
   README.md model card. `load_export` reads it back into the state dict `load_checkpoint` returns, so mtmm-eval
   takes the folder wherever it takes a .pt. Reading it runs no code: safetensors, JSON and YAML, every name fixed.
 - onnx: model.onnx (uint8 images, token ids, attention mask and presence flags -> per-task logits, batch and
@@ -36,7 +36,8 @@ from mtmm.trust import own_cache_dirs, use_own_cache_dirs
 
 EXPORT_FORMAT, EXPORT_VERSION = "mtmm-export", 1
 # Every name an export folder may hold. A reader takes names from this list, never from inside a file.
-COMMON_FILES = ("config.yaml", "labels.json", "text_config.json", "README.md", "export.json")
+COMMON_FILES = ("config.yaml", "labels.json", "text_config.json", "image_config.json", "README.md", "export.json")
+ARCHITECTURES = ("text_config", "image_config")  # checkpoint entries kept as <entry>.json
 MODEL_FILES = {"safetensors": ("model.safetensors",), "onnx": ("model.onnx", "model.onnx.data")}
 # The ONNX model's inputs per modality, in MultiTaskModel.encoders order.
 INPUTS = {"image": ("image", "image_present"), "text": ("input_ids", "attention_mask", "text_present")}
@@ -58,8 +59,9 @@ def export_checkpoint(checkpoint: str | Path, format: str, out: str | Path, spli
     if tokenizer_files:
         tokenizer_from_files(tokenizer_files, source)  # plain names, text, no custom code: refused here, not later
         files.update(tokenizer_files)
-    if state.get("text_config") is not None:
-        files["text_config.json"] = state["text_config"]
+    for entry in ARCHITECTURES:
+        if state.get(entry) is not None:
+            files[f"{entry}.json"] = state[entry]
     result = {}
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +122,7 @@ def save_weights(weights: dict, path: Path) -> None:
 
 def load_export(folder: Path) -> dict:
     """An export folder -> the state dict load_checkpoint returns for a .pt (format, version, config, data, model,
-    text_config, epoch, step, metrics). Every name is fixed and every file is data; anything else stops in one line."""
+    text_config, image_config, epoch, step, metrics). Every name is fixed and every file is data; anything else stops in one line."""
     marker = folder / "export.json"
     if not marker.is_file() or marker.is_symlink():
         raise UserError(f"{folder} is a folder but not an mtmm export (no export.json); pass a checkpoint such as "
@@ -149,10 +151,11 @@ def load_export(folder: Path) -> dict:
                  if (folder / name).is_file()}
     if tokenizer:
         data["tokenizer_files"] = tokenizer
-    text_config = folder / "text_config.json"
+    architectures = {entry: read_text(folder / f"{entry}.json", folder) if (folder / f"{entry}.json").is_file()
+                     else None for entry in ARCHITECTURES}
     return {"format": FORMAT, "version": VERSION, "config": read_text(folder / "config.yaml", folder), "data": data,
             "model": read_weights(folder / "model.safetensors", folder),
-            "text_config": read_text(text_config, folder) if text_config.is_file() else None,
+            **architectures,
             "epoch": meta["epoch"], "step": meta["step"], "metrics": meta["metrics"]}
 
 

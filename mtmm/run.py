@@ -22,6 +22,7 @@ from mtmm.errors import UserError
 from mtmm.cache.features import feature_caches
 from mtmm.cache.images import attach_image_caches
 from mtmm.models.model import MultiTaskModel
+from mtmm.models.presets import fill_image_preprocessing
 from mtmm.weighting.protocol import Weighting, check_weighting
 
 log = logging.getLogger("mtmm")
@@ -49,6 +50,8 @@ def setup(cfg: DictConfig, resume: dict | None = None, rank: Rank = Rank(), run_
     (a checkpoint's contents) the data side and the architecture come from it; its weights and optimizer state are
     put in place by checkpoint.restore, except that frozen encoders get theirs now (they key the feature cache)."""
     check_monitor(cfg)
+    if resume is None:  # a resumed run's config has them already, from the files read when it started
+        fill_image_preprocessing(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device.type)
     if device.type == "cuda" and rank.world_size > 1:

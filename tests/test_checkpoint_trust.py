@@ -154,7 +154,7 @@ def test_a_malformed_data_entry_is_one_line_not_a_key_error(trained, tmp_path, d
 
 
 def test_a_text_config_asking_for_custom_code_is_refused(trained, tmp_path):
-    from mtmm.models.text import model_from_saved_config
+    from mtmm.models.hf import model_from_saved_config
     with pytest.raises(UserError, match="asks for custom code"):
         model_from_saved_config(json.dumps({"model_type": "bert", "auto_map": {"AutoModel": "evil.Model"}}))
     with pytest.raises(UserError, match="describes no model transformers knows"):

@@ -65,7 +65,8 @@ def build_data(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val", "test
     for split in splits:
         # Only the training split is augmented: decoded (and cached) a little larger, cropped per sample.
         augmented = augment is not None and split == "train"
-        split_transform = ImageTransform(size=augment.stored_side(transform.side)) if augmented else transform
+        split_transform = ImageTransform(size=augment.stored_side(transform.side),
+                                         interpolation=transform.interpolation) if augmented else transform
         datasets[split] = ManifestDataset(
             source.records[split], source.files[split], source.image_root, tasks, split_transform, tokenizer,
             max_length, on_bad_sample=cfg.data.get("on_bad_sample", "error"),
@@ -78,8 +79,9 @@ def image_transform(cfg: DictConfig) -> ImageTransform:
     """The encoder's own size wins (encoder.image.size, or what its torchvision weights were trained at), then
     data.image_size; null everywhere keeps the files' size."""
     image = cfg.encoder.image
-    if image.get("size"):
-        return ImageTransform(size=image.size)
+    if image.get("size"):  # hf / timm: their processor's values, written into the config by fill_image_preprocessing
+        return ImageTransform(size=image.size, crop=image.get("crop"), interpolation=image.get("interpolation") or
+                              "bilinear")
     preset = image_preset(image)
     if preset is not None:
         return ImageTransform(size=preset["resize"], crop=preset["crop"])

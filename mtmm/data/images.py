@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
-from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
+from torchvision.transforms.functional import InterpolationMode, center_crop, pil_to_tensor, resize
 
 from mtmm.errors import UserError
 
@@ -26,12 +26,14 @@ class ImageTransform:
 
     size: int | None = None  # resize the shorter side to this and centre-crop a square; None keeps the file's size
     crop: int | None = None  # the square's side when it differs from `size` (torchvision weights: 256 -> 224)
+    interpolation: str = "bilinear"  # or bicubic / nearest, as the encoder's pretrained preprocessing says
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         tensor = pil_to_tensor(to_rgb(image))
         if self.size is not None:
             side = self.crop or self.size
-            tensor = center_crop(resize(tensor, [self.size], antialias=True), [side, side])
+            tensor = center_crop(resize(tensor, [self.size], InterpolationMode(self.interpolation), antialias=True),
+                                 [side, side])
         return tensor
 
     @property

@@ -69,17 +69,19 @@ def load_pretrained_tokenizer(name: str, texts: list[str] | None = None,
         raise UserError(missing_pretrained_message(name, "tokenizer")) from error
 
 
-def custom_code_message(name: str) -> str:
+def custom_code_message(name: str, modality: str = "text") -> str:
     return (f"{name!r} ships its own Python code (auto_map), which mtmm runs only when you set "
-            f"encoder.text.trust_remote_code=true for a model whose code you have read and trust")
+            f"encoder.{modality}.trust_remote_code=true for a model whose code you have read and trust")
 
 
-def missing_pretrained_message(name: str, what: str) -> str:
+def missing_pretrained_message(name: str, what: str, modality: str = "text") -> str:
+    files, companion = ("tokenizer files", "AutoTokenizer") if modality == "text" else \
+        ("preprocessor_config.json", "AutoImageProcessor")
     return (
         f"could not load the {what} {name!r} offline: it is neither a local directory holding a saved model "
-        f"(save_pretrained layout: config.json, model weights, tokenizer files) nor in the local Hugging Face cache. "
-        f"Set encoder.text.name=/path/to/model_dir, or on a machine with internet run "
-        f"`python -c \"from transformers import AutoModel, AutoTokenizer as T; "
+        f"(save_pretrained layout: config.json, model weights, {files}) nor in the local Hugging Face cache. "
+        f"Set encoder.{modality}.name=/path/to/model_dir, or on a machine with internet run "
+        f"`python -c \"from transformers import AutoModel, {companion} as T; "
         f"AutoModel.from_pretrained('{name}'); T.from_pretrained('{name}')\"` to fill the cache (HF_HOME) and copy it here"
     )
 

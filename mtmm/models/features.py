@@ -14,6 +14,12 @@ class Features:
     mask: torch.Tensor  # [B, T] bool, True where a token is real (False for padding)
 
 
+def image_features(pooled: torch.Tensor, tokens: torch.Tensor, norm: torch.nn.LayerNorm) -> Features:
+    """An image encoder's Features: every token (patch or feature-map cell) is real."""
+    mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    return Features(pooled=norm(pooled), tokens=tokens, mask=mask)
+
+
 def set_frozen(module: torch.nn.Module, frozen: bool) -> None:
     """A frozen encoder takes no gradient; it is also kept in eval mode by the model (no BatchNorm/dropout drift)."""
     for parameter in module.parameters():

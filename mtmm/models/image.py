@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 from mtmm.errors import UserError
-from mtmm.models.features import Features, set_frozen
+from mtmm.models.features import Features, image_features, set_frozen
 
 
 class SmallCNN(nn.Module):
@@ -54,8 +54,7 @@ class Normalize(nn.Module):
 def features_from_map(feature_map: torch.Tensor, norm: nn.LayerNorm) -> Features:
     """[B,C,H,W] feature map -> pooled [B,C] (mean over cells) and tokens [B,H*W,C]."""
     tokens = feature_map.flatten(2).transpose(1, 2)
-    mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-    return Features(pooled=norm(tokens.mean(dim=1)), tokens=tokens, mask=mask)
+    return image_features(tokens.mean(dim=1), tokens, norm)
 
 
 class TorchvisionEncoder(nn.Module):

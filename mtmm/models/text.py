@@ -1,39 +1,49 @@
 """Text encoders: any Hugging Face encoder (a small random-init BERT by default, or a pretrained one offline)."""
 
-import json
-
 from torch import nn
-from transformers import AutoConfig, AutoModel, BertConfig, BertModel, PreTrainedModel
+from transformers import BertConfig, BertModel
 
-from mtmm.data.tokenizer import custom_code_message, missing_pretrained_message
 from mtmm.errors import UserError
-from mtmm.hub import offline
+from mtmm.models.adapters import add_adapters
 from mtmm.models.features import Features, masked_mean, set_frozen
+from mtmm.models.hf import load_tower, rebuild_tower
+
+POOLINGS = ("mean", "cls", "pooler")
 
 
 class HFTextEncoder(nn.Module):
-    """Wraps a transformers encoder: tokens = last hidden states, pooled = [CLS] or masked mean, layer-normalised."""
+    """Wraps a transformers encoder: tokens = last hidden states, pooled = [CLS], masked mean or the model's own
+    pooler output (CLIP: the end-of-text token; SigLIP: its head), layer-normalised."""
 
-    def __init__(self, model: PreTrainedModel, pooling: str = "mean", freeze: bool = False):
+    def __init__(self, model: nn.Module, pooling: str = "mean", freeze: bool = False, lora=None, ia3=None,
+                 saved_config: str | None = None):
         super().__init__()
-        if pooling not in ("mean", "cls"):
-            raise UserError(f"encoder.text.pooling={pooling!r}; use mean or cls")
-        self.model = model
+        if pooling not in POOLINGS:
+            raise UserError(f"encoder.text.pooling={pooling!r}; use one of {list(POOLINGS)}")
+        self.saved_config = saved_config or model.config.to_json_string()
         self.pooling = pooling
         self.dim = model.config.hidden_size
         self.norm = nn.LayerNorm(self.dim)
-        self.frozen = freeze
-        set_frozen(self.model, freeze)
+        set_frozen(model, freeze)
+        self.model = add_adapters(model, "text", lora, ia3)
+        self.frozen = not any(p.requires_grad for p in self.model.parameters())  # adapters train
 
     def forward(self, text: dict) -> Features:
         mask = text["attention_mask"].bool()
-        tokens = self.model(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).last_hidden_state
-        pooled = tokens[:, 0] if self.pooling == "cls" else masked_mean(tokens, mask)
+        output = self.model(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
+        tokens = output.last_hidden_state
+        if self.pooling == "pooler":
+            pooled = getattr(output, "pooler_output", None)
+            if pooled is None:
+                raise UserError("encoder.text.pooling=pooler: this text model has no pooler output; use cls or mean")
+        else:
+            pooled = tokens[:, 0] if self.pooling == "cls" else masked_mean(tokens, mask)
         return Features(pooled=self.norm(pooled), tokens=tokens, mask=mask)
 
     def config_json(self) -> str:
-        """The architecture, saved in checkpoints so evaluation rebuilds the model without the original files."""
-        return self.model.config.to_json_string()
+        """The architecture (the whole model's, for a tower), saved in checkpoints so evaluation rebuilds the model
+        without the original files."""
+        return self.saved_config
 
 
 def bert_tiny(tokenizer, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 2,
@@ -51,43 +61,17 @@ def bert_tiny(tokenizer, hidden_size: int = 128, num_layers: int = 2, num_heads:
 
 
 def pretrained(tokenizer, name: str, max_length: int = 64, pooling: str = "cls", freeze: bool = False,
-               trust_remote_code: bool = False, saved_config: str | None = None,
-               pretrained: bool = True) -> HFTextEncoder:
-    """AutoModel.from_pretrained(name) from a local directory or the local HF cache; never downloads. Code shipped
-    with the model (auto_map) runs only with trust_remote_code=true, which the user sets by name; never a prompt.
+               trust_remote_code: bool = False, gradient_checkpointing: bool = False, lora=None, ia3=None,
+               saved_config: str | None = None, pretrained: bool = True) -> HFTextEncoder:
+    """A Hugging Face text model (or the text tower of a CLIP / SigLIP checkpoint), AutoModel.from_pretrained(name)
+    from a local directory or the local HF cache; never downloads. Code shipped with the model (auto_map) runs only
+    with trust_remote_code=true, which the user sets by name; never a prompt.
 
     When rebuilding from a checkpoint (pretrained=False) the architecture comes from `saved_config` and the
     weights from the checkpoint, so the original files are not needed (and no code of the model's runs).
     """
-    if not pretrained:
-        if saved_config is None:
-            raise UserError("the checkpoint has no text_config entry, which a pretrained text encoder is rebuilt from")
-        return HFTextEncoder(model_from_saved_config(saved_config), pooling=pooling, freeze=freeze)
-    try:
-        offline()
-        model = AutoModel.from_pretrained(name, local_files_only=True, trust_remote_code=bool(trust_remote_code))
-    except (OSError, ValueError) as error:
-        if "custom code" in str(error) or "trust_remote_code" in str(error):
-            raise UserError(custom_code_message(name)) from None
-        raise UserError(missing_pretrained_message(name, "text model")) from error
-    return HFTextEncoder(model, pooling=pooling, freeze=freeze)
-
-
-def model_from_saved_config(saved_config: str) -> PreTrainedModel:
-    """A randomly initialised transformers model of the architecture a checkpoint describes (JSON text). Only the
-    model types transformers itself defines: a config that asks for code of its own is refused."""
-    try:
-        fields = json.loads(saved_config)
-    except (TypeError, json.JSONDecodeError):
-        raise UserError("the checkpoint's text_config is not JSON text") from None
-    if not isinstance(fields, dict):
-        raise UserError("the checkpoint's text_config is not a JSON object")
-    if "auto_map" in fields or "trust_remote_code" in fields:
-        raise UserError("the checkpoint's text_config asks for custom code (auto_map); mtmm never runs code from a "
-                        "checkpoint")
-    try:
-        config = AutoConfig.for_model(**fields)
-        return AutoModel.from_config(config, trust_remote_code=False)
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"the checkpoint's text_config describes no model transformers knows "
-                        f"({str(error).splitlines()[0][:200]})") from None
+    if pretrained:
+        model, config_json = load_tower(name, "text", trust_remote_code, gradient_checkpointing)
+    else:
+        model, config_json = rebuild_tower(saved_config, "text", gradient_checkpointing), saved_config
+    return HFTextEncoder(model, pooling=pooling, freeze=freeze, lora=lora, ia3=ia3, saved_config=config_json)

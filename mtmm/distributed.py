@@ -100,6 +100,23 @@ def mean_across_processes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor / world_size()
 
 
+def average_gradients(parameters) -> None:
+    """Make .grad of `parameters` the mean over processes, in one all_reduce, as DDP's reducer does for the model's:
+    for parameters outside the DDP module (a loss weighting's own, e.g. Uncertainty's log-variances). A parameter
+    whose .grad is None on every process keeps None; nothing happens in a single process."""
+    parameters = [p for p in parameters if p.requires_grad]
+    if world_size() == 1 or not parameters:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flags = torch.tensor([float(p.grad is not None) for p in parameters], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([*(g.reshape(-1) for g in grads), flags])
+    dist.all_reduce(flat)
+    at = 0
+    for p, g, here in zip(parameters, grads, (flat[-len(parameters):] > 0).tolist()):
+        p.grad = (flat[at:at + g.numel()].view_as(g) / world_size()).clone() if here else None
+        at += g.numel()
+
+
 def ddp_of(forward):
     """The DistributedDataParallel module that `forward` is or wraps (torch.compile), or None."""
     forward = getattr(forward, "_orig_mod", forward)

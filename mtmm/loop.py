@@ -12,7 +12,7 @@ from tqdm import tqdm
 from mtmm import conflict
 from mtmm.calibration import calibration_metrics
 from mtmm.device import autocast
-from mtmm.distributed import Rank, gather, mean_across_ranks, no_sync
+from mtmm.distributed import Rank, average_gradients, gather, mean_across_ranks, no_sync
 from mtmm.errors import UserError
 from mtmm.metrics import mean_over_tasks, task_metrics
 from mtmm.tasks import TaskSpec, masked_task_loss
@@ -286,6 +286,9 @@ def train_step(run, batches: list[dict] | dict, progress: Progress
         return None
     if per_step:
         weighting.apply(partial, model, scale=len(totals) / n)  # apply() averages over the micro-batches it got
+    # The weighting's own parameters (Uncertainty's log-variances) are outside the DDP module: averaged here, as DDP
+    # averages the model's, or each process would learn its own weights
+    average_gradients(weighting.parameters())
     if cfg.trainer.grad_clip is not None:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.trainer.grad_clip)

@@ -245,7 +245,7 @@ def test_no_labelled_task_leaves_the_shared_parameters_alone():
     model = TwoTasks()
     losses = {task: loss * 0.0 for task, loss in model.losses().items()}
     GradientCombination({"a": 1.0, "b": 1.0}, method="mgda").backward(losses, model)
-    assert not model.shared_p.grad.any()
+    assert model.shared_p.grad is None  # no loss reached it: the optimizer skips it (no weight decay, no momentum)
 
 
 @pytest.mark.parametrize("method", ["gradvac", "db_mtl"])

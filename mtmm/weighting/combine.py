@@ -25,6 +25,7 @@ class GradientCombination(nn.Module):
 
     combines_gradients = True
     needs_shared_parameters = False  # it takes the gradients on the shared part itself, in backward()
+    averages_across_processes = True  # apply() all_reduces the per-task gradients (protocol.py)
 
     def __init__(self, task_weights: dict[str, float], method: str, on: str = "parameters",
                  options: dict | None = None):
@@ -93,8 +94,10 @@ class GradientCombination(nn.Module):
                 labelled: dict[str, bool] | None = None) -> dict:
         """This process's per-task gradients of one batch, not yet combined: `rows` [K, P] on the gradient points (a
         zero row for a task absent from the batch), `rest` the gradient of sum_k lambda_k L_k on the task-specific
-        parameters, `losses` the scaled losses, `present` which tasks had labels, `count` batches. Partials of
-        several micro-batches add up (add_partials); apply() combines them once (loss.on=parameters)."""
+        parameters, `losses` the scaled losses, `present` which tasks had labels, `used` / `reached` which
+        task-specific parameters / gradient points a loss reached (the others keep .grad None, as after a plain
+        backward), `count` batches. Partials of several micro-batches add up (add_partials); apply() combines them
+        once (loss.on=parameters)."""
         tasks = list(losses)
         scaled = [self.task_weights[task] * losses[task] for task in tasks]
         if labelled is None:
@@ -104,16 +107,19 @@ class GradientCombination(nn.Module):
         points, _, rest = self._points(model)
         rows = torch.zeros(len(tasks), sum(p.numel() for p in points), device=points[0].device,
                            dtype=points[0].dtype)
+        reached = torch.zeros(len(points))
         for i, here in enumerate(present):
             if here and scaled[i].requires_grad:
-                rows[i] = flat_grad(torch.autograd.grad(scaled[i], points, retain_graph=True, allow_unused=True),
-                                    points)
+                grads = torch.autograd.grad(scaled[i], points, retain_graph=True, allow_unused=True)
+                reached = torch.maximum(reached, torch.tensor([float(g is not None) for g in grads]))
+                rows[i] = flat_grad(grads, points)
         total = sum(scaled)
         grads = [None] * len(rest)
         if rest and total.requires_grad:
             grads = torch.autograd.grad(total, rest, retain_graph=True, allow_unused=True)
         return {"rows": rows, "rest": [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, rest)],
                 "used": torch.tensor([g is not None for g in grads], dtype=torch.float32),  # None stays None
+                "reached": reached,  # which gradient points some task's loss reached (the others keep .grad None)
                 "losses": torch.stack([l.detach().float() for l in scaled]),
                 "present": torch.tensor(present, dtype=torch.float32), "count": 1}
 
@@ -121,9 +127,10 @@ class GradientCombination(nn.Module):
         """Combine collected per-task gradients into .grad (added to what is there, times `scale`).
 
         Under torch.distributed every process holds the partial of its own share of the global batch. On the
-        parameters one all_reduce of [rows, rest, losses, present] makes them the mean over processes (DDP's
-        average), so every process combines the same matrix and, the method being deterministic on the same input
-        (GradDrop draws from a generator seeded by the step, not by the process), computes the same update. On the
+        parameters one all_reduce of [rows, rest, losses, present, used, reached] makes them the mean over
+        processes (DDP's average; of the flags only "some process had it" counts), so every process combines the
+        same matrix and, the method being deterministic on the same input (GradDrop draws from a generator seeded
+        by the step, not by the process), computes the same update. On the
         representation the rows of different processes belong to different samples: they are gathered (each
         divided by the number of processes: the global batch's mean loss), combined, and each process
         backpropagates its own samples' part; the parameters below the representation then get the sum over
@@ -133,22 +140,18 @@ class GradientCombination(nn.Module):
         count = partial["count"]
         rows, rest_grads = partial["rows"], partial["rest"]
         losses, present = partial["losses"].to(rows.device), partial["present"].to(rows.device)
-        used = partial["used"].to(rows.device)
+        used, reached = partial["used"].to(rows.device), partial["reached"].to(rows.device)
         if world > 1:
             per_sample = self.on == "representation"
-            pack = torch.cat([*([] if per_sample else [rows.reshape(-1)]), *(g.reshape(-1).to(rows.dtype)
-                              for g in rest_grads), losses.to(rows.dtype), present.to(rows.dtype),
-                              used.to(rows.dtype)])
+            pieces = [*([] if per_sample else [rows]), *rest_grads, losses, present, used, reached]
+            pack = torch.cat([piece.reshape(-1).to(rows.dtype) for piece in pieces])
             dist.all_reduce(pack)
-            at = 0
+            pieces = [pack[offset:offset + piece.numel()].view_as(piece) for piece, offset in
+                      zip(pieces, _offsets(pieces))]
             if not per_sample:
-                rows, at = pack[:rows.numel()].view_as(rows), rows.numel()
-            rest_grads = [pack[at + offset:at + offset + g.numel()].view_as(g) for g, offset in
-                          zip(rest_grads, _offsets(rest_grads))]
-            at += sum(g.numel() for g in rest_grads)
-            k = len(losses)
-            losses, present = pack[at:at + k].float(), pack[at + k:at + 2 * k].float()
-            used = pack[at + 2 * k:]
+                rows, pieces = pieces[0], pieces[1:]
+            rest_grads, pieces = pieces[:len(rest_grads)], pieces[len(rest_grads):]
+            losses, present, used, reached = [piece.float() for piece in pieces]
             if per_sample:
                 rows, mine = gather_columns(rows)
         divide = count * world
@@ -170,12 +173,13 @@ class GradientCombination(nn.Module):
             update = torch.zeros(rows.shape[1], device=rows.device, dtype=rows.dtype)
         lam = torch.tensor([self.task_weights[t] for t in self.task_weights])
         self.last_weights.copy_((weights * lam).to(self.last_weights.device))
-        for parameter, grad, reached in zip(rest, rest_grads, (used > 0).tolist()):
-            if reached:  # a head no loss reached (on any process) keeps .grad None, so the optimizer skips it
+        for parameter, grad, here in zip(rest, rest_grads, (used > 0).tolist()):
+            if here:  # a head no loss reached (on any process) keeps .grad None, so the optimizer skips it
                 _add_grad(parameter, grad * scale)
-        if self.on == "parameters":
-            for parameter, piece in zip(points, unflatten(update, points)):
-                _add_grad(parameter, piece * scale)
+        if self.on == "parameters":  # a point no loss reached (on any process) keeps .grad None, as in a backward
+            for parameter, piece, here in zip(points, unflatten(update, points), (reached > 0).tolist()):
+                if here:
+                    _add_grad(parameter, piece * scale)
             return
         if world > 1:
             update = update[mine]
@@ -183,13 +187,15 @@ class GradientCombination(nn.Module):
         for p in below:
             p.grad = None
         model.fused.backward((update * scale).view_as(model.fused))
-        if world > 1:  # each process backpropagated its own samples' part of one update: the sum is the whole
+        if world > 1 and below:  # each process backpropagated its own samples' part of one update: the sum is all
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in below]
-            if grads:
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                dist.all_reduce(flat)
-                for p, g, offset in zip(below, grads, _offsets(grads)):
-                    p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+            flags = torch.tensor([float(p.grad is not None) for p in below], dtype=grads[0].dtype,
+                                 device=grads[0].device)
+            flat = torch.cat([*(g.reshape(-1) for g in grads), flags])
+            dist.all_reduce(flat)
+            for p, g, offset, here in zip(below, grads, _offsets(grads), (flat[-len(below):] > 0).tolist()):
+                # a parameter that no process's part reached keeps .grad None (the optimizer skips it, as DDP's)
+                p.grad = flat[offset:offset + g.numel()].view_as(g).clone() if here else None
         for p, old in zip(below, before):
             if old is not None:
                 p.grad = old if p.grad is None else p.grad + old
@@ -281,7 +287,7 @@ def add_partials(a: dict | None, b: dict) -> dict:
     if a is None:
         return b
     return {"rows": a["rows"] + b["rows"], "rest": [x + y for x, y in zip(a["rest"], b["rest"])],
-            "used": torch.maximum(a["used"], b["used"]),
+            "used": torch.maximum(a["used"], b["used"]), "reached": torch.maximum(a["reached"], b["reached"]),
             "losses": a["losses"] + b["losses"], "present": torch.maximum(a["present"], b["present"]),
             "count": a["count"] + b["count"]}
 

@@ -130,8 +130,8 @@ class DWA(nn.Module):
 
     def forward(self, losses: dict[str, Tensor], shared: list[Tensor] | None = None) -> Tensor:
         loss = _stack(self.tasks, losses)
-        if self.training:
-            value = loss.detach().float()
+        if self.training:  # under torch.distributed the global batch's losses, so every process has the same weights
+            value = mean_across_processes(loss.detach().float())
             present = value > 0
             self.epoch_sum += torch.where(present, value, 0.0)
             self.epoch_count += present
@@ -269,6 +269,7 @@ class GradNorm(nn.Module):
 
     combines_gradients = False
     needs_shared_parameters = True  # the last shared layer's parameters, whose gradient norms it balances
+    averages_across_processes = True  # losses and gradient rows are averaged over processes (protocol.py)
 
     def __init__(self, task_weights: dict[str, float], alpha: float = 1.5, lr: float = 0.025):
         super().__init__()

@@ -6,7 +6,10 @@ exactly 0 for a task with no label in the batch), then either `total.backward()`
 `combines_gradients`, `weighting.backward(losses, model)`, which fills the parameters' .grad itself. After every
 training epoch it calls `end_epoch()`; `weights()` is what metrics.jsonl logs. Optional: `combines_once_per_step`
 (True: under trainer.grad_accum_steps the loop sums `collect(losses, model)` over the micro-batches and calls
-`apply(partial, model, scale)` once, as combine.py does on the parameters). A user's own method plugs in through
+`apply(partial, model, scale)` once, as combine.py does on the parameters); `averages_across_processes` (True: under
+distributed training it averages the per-task gradients it takes over the processes itself, so that every process
+computes the same weights; required under device.nproc_per_node>1 for a method with combines_gradients or
+needs_shared_parameters). A user's own method plugs in through
 `loss._target_` (from a checkpoint only with trusted_targets=...), with these members.
 """
 
@@ -48,9 +51,14 @@ def check_weighting(cfg: DictConfig, weighting, rank: Rank) -> None:
     if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
         raise UserError(f"trainer.grad_accum_steps={accumulate!r}; use a whole number >= 1 (batches of "
                         f"data.batch_size per optimizer step; 1: no accumulation)")
-    # combine.py and GradNorm already average their per-task gradients over the processes, so every process would
-    # combine the same matrix; that path has not yet been checked against one process on the same global batch, so
-    # it stays refused until that test exists.
-    if (weighting.combines_gradients or weighting.needs_shared_parameters) and rank.world_size > 1:
-        raise UserError(f"loss={cfg.loss.get('method', cfg.loss._target_)} takes per-task gradients, and their "
-                        f"averaging over processes is not verified yet; use one process (device.nproc_per_node=1)")
+    # Under DDP a method that takes per-task gradients must average them over the processes itself (the loop's
+    # backward bypasses DDP's reducer for combines_gradients), or the processes' weights and parameters drift
+    # apart. combine.py and GradNorm do, and match one process on the same global batch
+    # (tests/test_ddp_weighting.py); a method of the user's own says so with averages_across_processes = True.
+    takes_gradients = weighting.combines_gradients or weighting.needs_shared_parameters
+    if takes_gradients and rank.world_size > 1 and not getattr(weighting, "averages_across_processes", False):
+        raise UserError(f"loss._target_={cfg.loss.get('_target_')!r} takes per-task gradients but does not declare "
+                        f"averages_across_processes = True, so under device.nproc_per_node={rank.world_size} every "
+                        f"process would weight its own share of the batch differently; average them with "
+                        f"torch.distributed (as mtmm/weighting/combine.py does) and set the flag, or use one "
+                        f"process (device.nproc_per_node=1)")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from torch import Tensor
 
 from mtmm.data.build import build_loader
@@ -185,69 +186,54 @@ def relative_robustness(clean, curve_auc) -> float:
     return float("nan") if clean == 0 or math.isnan(clean) else curve_auc / clean
 
 
-COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127))
-PANEL, MARGIN = (380, 270), (56, 36, 16, 40)  # panel size; inner margins left, top, right, bottom
-
-
 def plot_curves(result: dict, path: Path) -> None:
-    """A PNG: one panel per corruption (x = level, y = each task's primary metric) and, under them, one legend line
-    per task with its clean value and its value with each modality missing."""
+    """A PNG: one panel per corruption (x = level, y = each task's primary metric, its clean value dotted) and,
+    under them, one legend entry per task with its clean value and its value with each modality missing.
+    `result` is what evaluate_robustness returns or robustness.json holds (where an undefined metric is null)."""
     primary, kinds = result["primary"], list(result["corruptions"])
     columns = max(1, min(3, len(kinds)))
     rows = max(1, math.ceil(len(kinds) / columns))
-    font, title_font = ImageFont.load_default(size=12), ImageFont.load_default(size=15)
-    header, footer = 30, 12 + 18 * len(primary)
-    image = Image.new("RGB", (columns * PANEL[0], header + rows * PANEL[1] + footer), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 8), "robustness: each task's primary metric vs corruption level (0 = clean)", fill="black",
-              font=title_font)
-    for number, kind in enumerate(kinds):
-        origin = (number % columns * PANEL[0], header + number // columns * PANEL[1])
-        draw_panel(draw, origin, kind, result["corruptions"][kind], primary, font)
+    # A Figure of its own, not pyplot: no global state, no GUI backend, nothing left open after the save.
+    figure = Figure(figsize=(4.2 * columns, 3.0 * rows + 0.9 + 0.25 * len(primary)), dpi=100, layout="constrained")
+    figure.suptitle("robustness: each task's primary metric vs corruption level (0 = clean; dotted: the clean value)")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax, kind in zip(axes, kinds):
+        draw_panel(ax, kind, result["corruptions"][kind], primary, result["clean"])
+    for ax in axes[len(kinds):]:
+        ax.set_axis_off()
+    entries = []
     for number, (task, metric) in enumerate(primary.items()):
-        y = header + rows * PANEL[1] + 4 + 18 * number
-        draw.line((10, y + 7, 32, y + 7), fill=COLOURS[number % len(COLOURS)], width=3)
-        values = [f"clean {result['clean'][task][metric]:.3f}"]
-        values += [f"{m} missing {v[task][metric]:.3f}" for m, v in result["missing"].items()]
-        draw.text((40, y), f"{task} ({metric}): " + ", ".join(values), fill="black", font=font)
+        values = [f"clean {number_text(result['clean'][task][metric])}"]
+        values += [f"{m} missing {number_text(v[task][metric])}" for m, v in result["missing"].items()]
+        entries.append(Line2D([], [], color=f"C{number}", marker="o", linewidth=2,
+                              label=f"{task} ({metric}): " + ", ".join(values)))
+    figure.legend(handles=entries, loc="outside lower center", frameon=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
+    figure.savefig(path, format="png")
 
 
-def draw_panel(draw: ImageDraw.ImageDraw, origin, kind: str, curve: dict, primary: dict, font) -> None:
-    left, top = origin[0] + MARGIN[0], origin[1] + MARGIN[1]
-    right, bottom = origin[0] + PANEL[0] - MARGIN[2], origin[1] + PANEL[1] - MARGIN[3]
+def draw_panel(ax, kind: str, curve: dict, primary: dict, clean: dict) -> None:
+    """One corruption: each task's primary metric per level (a gap where it is undefined), its clean value dotted."""
     levels = curve["levels"]
-    values = {task: [m[task][metric] for m in curve["metrics"]] for task, metric in primary.items()}
-    finite = [v for series in values.values() for v in series if math.isfinite(v)] or [0.0, 1.0]
-    low, high = (0.0, 1.0) if 0 <= min(finite) and max(finite) <= 1 else (min(finite), max(finite))
-    if high - low < 1e-9:
-        low, high = low - 0.5, high + 0.5
-    x_low, x_high = levels[0], levels[-1] if levels[-1] > levels[0] else levels[0] + 1
+    for number, (task, metric) in enumerate(primary.items()):
+        values = [as_float(m[task][metric]) for m in curve["metrics"]]
+        ax.plot(levels, values, color=f"C{number}", marker="o", linewidth=2, label=task)
+        ax.axhline(as_float(clean[task][metric]), color=f"C{number}", linestyle=":", linewidth=1)
+    finite = [as_float(m[t][name]) for m in curve["metrics"] for t, name in primary.items()]
+    finite = [v for v in finite if math.isfinite(v)]
+    if finite and 0 <= min(finite) and max(finite) <= 1:  # scores in 0..1 (accuracy, F1, AUROC): the whole range
+        ax.set_ylim(-0.02, 1.02)
+    ax.set_title(kind)
+    ax.set_xlabel("corruption level")
+    ax.set_ylabel(", ".join(dict.fromkeys(primary.values())))
+    ax.set_xticks(levels)
+    ax.grid(True, color="0.9")
 
-    def point(level, value):
-        return (left + 10 + (level - x_low) / (x_high - x_low) * (right - left - 20),
-                bottom - (value - low) / (high - low) * (bottom - top))
 
-    draw.text((origin[0] + PANEL[0] / 2, origin[1] + 8), kind, fill="black", font=font, anchor="mt")
-    for i in range(5):  # y ticks and grid
-        value = low + (high - low) * i / 4
-        y = point(x_low, value)[1]
-        draw.line((left, y, right, y), fill=(225, 225, 225))
-        draw.text((left - 5, y), f"{value:.3g}", fill="black", font=font, anchor="rm")
-    draw.rectangle((left, top, right, bottom), outline="black")
-    for level in levels:
-        x = point(level, low)[0]
-        draw.line((x, bottom, x, bottom + 4), fill="black")
-        draw.text((x, bottom + 6), f"{level:g}", fill="black", font=font, anchor="mt")
-    draw.text(((left + right) / 2, bottom + 22), "level", fill="black", font=font, anchor="mt")
-    for number, series in enumerate(values.values()):
-        colour = COLOURS[number % len(COLOURS)]
-        points = [point(level, v) if math.isfinite(v) else None for level, v in zip(levels, series)]
-        for a, b in zip(points, points[1:]):  # a NaN (an undefined metric) leaves a gap
-            if a and b:
-                draw.line((a, b), fill=colour, width=2)
-        for x, y in filter(None, points):
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+def as_float(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def number_text(value) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.3f}"

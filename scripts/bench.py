@@ -6,6 +6,7 @@
   (d) peak resident memory of a training run at 10x the dataset size over 1x                       (target <= 1.2)
   (e) time per step of every loss-weighting method relative to static, at 2, 3, 4 and 8 tasks
   (f) epoch time with gradient-conflict logging every 50 steps over without, three tasks            (target <= 1.1)
+  (g) epoch time with augment=light over augment=none, both reading the decoded-image cache      (target <= 1.15)
   (h) mtmm-predict samples/s over the evaluation loop's on the same rows                          (target >= 0.9)
       and onnxruntime latency over PyTorch's (CPU) at batch 1 and 64, on the exported model
 
@@ -220,6 +221,27 @@ def bench_conflict(quick: bool) -> dict:
             "ratio": min(times["every_50"]) / min(times["off"])}
 
 
+def bench_augment(quick: bool) -> dict:
+    """Seconds per training epoch (fit, in-process) with augment=light (a random resized crop, flip and colour
+    jitter per sample, on the cached rows) and with augment=none, same data, model and seed, both reading their
+    images from the decoded-image cache (data.image_cache_gib, on by default; light stores the training split 1.15x
+    larger); one untimed epoch each, then alternated; the fastest of each, as in (a)."""
+    size = f"data.source.train={1000 if quick else 4000}"
+    runs = {"none": config(size, "augment=none"), "light": config(size, "augment=light")}
+    parts = {name: setup(cfg) for name, cfg in runs.items()}
+    for name, run in parts.items():
+        if run.data.datasets["train"].image_store is None:
+            raise RuntimeError(f"augment={name}: the training split did not get its decoded-image cache")
+        mtmm_epoch(runs[name], run)  # warm-up
+    times = {name: [] for name in runs}
+    for _ in range(2 if quick else 4):
+        for name, cfg in runs.items():
+            times[name].append(mtmm_epoch(cfg, parts[name]))
+    return {"samples": len(parts["none"].loaders["train"].dataset), "none_s": min(times["none"]),
+            "light_s": min(times["light"]), "ratio": min(times["light"]) / min(times["none"]),
+            "ratio_of_medians": statistics.median(times["light"]) / statistics.median(times["none"])}
+
+
 def bench_predict(quick: bool) -> dict:
     """predict_file (what mtmm-predict runs: reading and checking the rows, batching, the model, writing two files)
     against what mtmm-eval runs on the same rows (reading and checking the split, then mtmm.loop.evaluate: the model
@@ -283,12 +305,13 @@ def onnx_latency(checkpoint: Path, model, loader, out: Path) -> dict:
 
 BENCHES = {"a": ("loop overhead", bench_overhead), "b": ("feature cache", bench_feature_cache),
            "c": ("data wait", bench_data_wait), "d": ("memory", bench_memory), "e": ("weighting", bench_weighting),
-           "f": ("conflict logging", bench_conflict), "h": ("predict", bench_predict)}
+           "f": ("conflict logging", bench_conflict), "g": ("augmentation", bench_augment),
+           "h": ("predict", bench_predict)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="a,b,c,d,e,f,h", help="comma-separated subset of a,b,c,d,e,f,h")
+    parser.add_argument("--only", default="a,b,c,d,e,f,g,h", help="comma-separated subset of a,b,c,d,e,f,g,h")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not the quoted figures)")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from mtmm.atomic import link_atomically, write_atomically  # noqa: F401 - the checkpoint's atomic writes, re-exported
+from mtmm.ema import scored
 from mtmm.errors import UserError
 from mtmm.loop import Progress
 
@@ -56,8 +57,11 @@ class CheckpointWriter:
 
 
 def training_state(run, progress: Progress) -> dict:
-    """Everything that changes while a run trains, as checkpoint entries."""
-    return {"model": run.model.state_dict(), "weighting": run.weighting.state_dict(),
+    """Everything that changes while a run trains, as checkpoint entries. `model` holds the weights meant for use
+    (with trainer.ema, their moving average, which validation scored); the trained ones are then `trained_model`."""
+    averaged = {} if run.ema is None else {"trained_model": run.model.state_dict(),
+                                           "ema_updates": int(run.ema.n_averaged)}
+    return {"model": scored(run).state_dict(), **averaged, "weighting": run.weighting.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(), "epoch": progress.epoch - 1, "step": progress.step,
             "progress": asdict(progress), "rng": rng_state(), "metrics": {"val": progress.last_val}}
@@ -65,7 +69,12 @@ def training_state(run, progress: Progress) -> dict:
 
 def restore(state: dict, run) -> Progress:
     """Put everything a checkpoint holds back in place, RNG states included, and say where to continue."""
-    run.model.load_state_dict(state["model"])
+    if run.ema is not None:
+        if "trained_model" not in state:
+            raise UserError("the checkpoint was written without trainer.ema, so it holds no average to continue")
+        run.ema.module.load_state_dict(state["model"])
+        run.ema.n_averaged.fill_(state["ema_updates"])
+    run.model.load_state_dict(state.get("trained_model", state["model"]))
     run.weighting.load_state_dict(state["weighting"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])

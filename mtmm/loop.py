@@ -13,6 +13,7 @@ from mtmm import conflict
 from mtmm.calibration import calibration_metrics
 from mtmm.device import autocast
 from mtmm.distributed import Rank, average_gradients, gather, mean_across_ranks, no_sync
+from mtmm.ema import scored
 from mtmm.errors import UserError
 from mtmm.metrics import mean_over_tasks, task_metrics
 from mtmm.tasks import TaskSpec, masked_task_loss
@@ -133,7 +134,7 @@ class Progress:
     skipped_nonfinite: int = 0  # batches skipped for a non-finite loss (trainer.on_nonfinite=skip)
 
 
-LOWER_IS_BETTER = ("loss", "mae", "rmse")
+LOWER_IS_BETTER = ("loss", "mae", "rmse", "ece", "brier")
 
 
 def improved_tasks(tasks: list[TaskSpec], val_metrics: dict, progress: Progress, epoch: int) -> list[str]:
@@ -195,7 +196,8 @@ def fit(run, metrics_log, save, progress: Progress, stop_requested=lambda: False
         bar.close()
         weighting.end_epoch()
 
-        val_metrics, _ = evaluate(model, run.loaders["val"], run.data.tasks, run.device, cfg.device.precision, rank)
+        val_metrics, _ = evaluate(scored(run), run.loaders["val"], run.data.tasks, run.device, cfg.device.precision,
+                                  rank)
         metrics_log.write(step=progress.step, epoch=epoch, split="val", **val_metrics)
         value = monitored({"val": val_metrics}, cfg.trainer.monitor)
         log.info("epoch %d/%d  step %d  train loss %s  val %s  %s=%.4f", epoch, cfg.trainer.epochs, progress.step,
@@ -294,6 +296,8 @@ def train_step(run, batches: list[dict] | dict, progress: Progress
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.trainer.grad_clip)
     scaler.step(optimizer)
     scaler.update()
+    if run.ema is not None:
+        run.ema.update_parameters(model)
     run.scheduler.step()
     progress.step += 1
     mean = lambda values: values[0] if len(values) == 1 else torch.stack(values).mean()  # noqa: E731

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from mtmm.build import build_model, build_optimizer, build_scheduler, build_weighting
 from mtmm.data.build import Data, build_data, build_loader
 from mtmm.device import resolve_device
 from mtmm.distributed import Rank
+from mtmm.ema import build_ema, check_decay
 from mtmm.errors import UserError
 from mtmm.cache.features import feature_caches
 from mtmm.cache.images import attach_image_caches
@@ -42,6 +44,7 @@ class Run:
     scaler: torch.amp.GradScaler
     loaders: dict[str, DataLoader]  # split -> loader
     paths: dict[str, Path] = field(default_factory=dict)  # checkpoint tag (last, best) -> file, when in a run folder
+    ema: AveragedModel | None = None  # trainer.ema: the moving average of the weights that validation scores
 
 
 def setup(cfg: DictConfig, resume: dict | None = None, rank: Rank = Rank(), run_dir: Path | None = None,
@@ -87,7 +90,8 @@ def setup(cfg: DictConfig, resume: dict | None = None, rank: Rank = Rank(), run_
              {split: len(dataset) for split, dataset in data.datasets.items()})
     tags = ["last", "best"] + ([f"best-{task.name}" for task in data.tasks] if cfg.trainer.get("keep_best_per_task") else [])
     paths = {tag: run_dir / "checkpoints" / f"{tag}.pt" for tag in tags} if run_dir else {}
-    return Run(cfg, device, rank, data, model, forward, weighting, optimizer, scheduler, scaler, loaders, paths)
+    ema = build_ema(model, cfg.trainer.get("ema"))
+    return Run(cfg, device, rank, data, model, forward, weighting, optimizer, scheduler, scaler, loaders, paths, ema)
 
 
 def seed_everything(seed: int) -> None:
@@ -114,5 +118,6 @@ def check_monitor(cfg: DictConfig) -> None:
     every = cfg.trainer.get("log_conflict_every") or 0
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise UserError(f"trainer.log_conflict_every={every!r}; use a whole number of steps (0: off)")
+    check_decay(cfg.trainer.get("ema"))  # before any data is built
     if cfg.trainer.monitor_mode not in ("max", "min"):
         raise UserError(f"trainer.monitor_mode={cfg.trainer.monitor_mode!r}; use max or min")

@@ -17,6 +17,7 @@ from mtmm.atomic import write_text_atomically
 from mtmm.build import instantiate
 from mtmm.checkpoint import CheckpointWriter, load_checkpoint, restore
 from mtmm.device import resolve_device
+from mtmm.ema import scored
 from mtmm.errors import UserError, exit_with
 from mtmm.loop import Progress, Stop, StopSignal, evaluate, fit
 from mtmm.loggers import Resume, build_trackers, check_trackers, points
@@ -105,11 +106,12 @@ def run(cfg: DictConfig, run_dir: Path, resume: dict | None, rank=distributed.Ra
     try:
         progress = fit(job, metrics_log, checkpoints.save, progress, stop.requested)
         test = {}
-        for tag in ("last", "best"):  # the model holds the last weights first
+        for tag in ("last", "best"):  # the model (or its average) holds the last weights first
+            tested = scored(job)
             if tag == "best":
                 distributed.barrier(rank)  # rank 0 may still be writing best.pt
-                job.model.load_state_dict(load_checkpoint(job.paths["best"])["model"])
-            test[tag] = evaluate(job.model, job.loaders["test"], job.data.tasks, job.device, cfg.device.precision, rank,
+                tested.load_state_dict(load_checkpoint(job.paths["best"])["model"])
+            test[tag] = evaluate(tested, job.loaders["test"], job.data.tasks, job.device, cfg.device.precision, rank,
                                  stop.requested)[0]
             metrics_log.write(step=None, epoch=None, split="test", checkpoint=tag, **test[tag])
         if rank.main:

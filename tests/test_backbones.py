@@ -222,3 +222,26 @@ def test_gradient_checkpointing_gives_the_same_gradients(models):
     assert gradients[0].keys() == gradients[1].keys()
     for name in gradients[0]:
         assert torch.allclose(gradients[0][name], gradients[1][name], atol=1e-6), name
+
+
+def test_clip_towers_work_with_every_fusion(models):
+    """backbone=clip: one training step of every fusion on both towers' features."""
+    from mtmm.build import build_model
+    from mtmm.data.build import build_data, build_loader
+    from tests.test_config import CONF
+    path = models / "clip" if (models / "clip").exists() else tiny.dual_tower("clip", models)
+    batch = data = None
+    for fusion in sorted(p.stem for p in (CONF / "fusion").glob("*.yaml")):
+        cfg = compose_run(models, "backbone=clip", f"backbone.name={path}", f"fusion={fusion}",
+                          "encoder.text.max_length=16", "data.batch_size=8")
+        fill_image_preprocessing(cfg)
+        if data is None:  # the data side does not depend on the fusion
+            data = build_data(cfg, splits=("train",))
+            batch = next(iter(build_loader(cfg, data, "train")))
+        model = build_model(cfg, data.tasks, data.tokenizer).train()
+        logits = model(batch)
+        loss = sum(value.float().square().mean() for value in logits.values())
+        loss.backward()
+        for modality in ("image", "text"):
+            grads = [p.grad for n, p in model.encoders[modality].model.named_parameters() if p.grad is not None]
+            assert grads and any(g.abs().sum() > 0 for g in grads), (fusion, modality)

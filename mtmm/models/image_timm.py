@@ -17,10 +17,18 @@ from mtmm.models.image import Normalize
 from mtmm.models.image_hf import probe_width
 
 
+def import_timm():
+    try:
+        import timm
+    except ImportError:
+        raise UserError('encoder/image=timm needs the timm package: pip install "mtmm[backbones]"') from None
+    return timm
+
+
 def create(name: str, weights: str | None, pretrained: bool):
     """timm.create_model(name) without a classifier; with its pretrained weights when `weights` is set and this is
-    not a rebuild from a checkpoint."""
-    import timm
+    not a rebuild from a checkpoint. Only names timm registers: a `hf-hub:` name would fetch its config."""
+    timm = import_timm()
     if name not in timm.list_models():
         raise UserError(f"encoder.image.name={name!r} is not a timm model; list them with "
                         f"python -c \"import timm; print(timm.list_models('convnext*'))\"")

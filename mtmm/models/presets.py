@@ -61,7 +61,8 @@ def hf_preprocessing(image: DictConfig) -> dict:
 
 
 def timm_preprocessing(image: DictConfig) -> dict:
-    import timm
+    from mtmm.models.image_timm import import_timm
+    timm = import_timm()
     pretrained_cfg = timm.models.get_pretrained_cfg(image.name)
     if pretrained_cfg is None:
         raise UserError(f"encoder.image.name={image.name}: timm knows no pretrained config for it to take the input "

@@ -12,7 +12,7 @@ from pathlib import Path
 from mtmm.errors import UserError
 from mtmm.report.sweep import primary_metrics, split_metrics
 
-LOWER_IS_BETTER = {"loss", "mae", "rmse"}  # as mtmm.loop.LOWER_IS_BETTER (not imported: it pulls in torch)
+LOWER_IS_BETTER = {"loss", "mae", "rmse", "ece", "brier"}  # as mtmm.loop.LOWER_IS_BETTER (not imported: it pulls in torch)
 
 
 def delta_m(multi: dict[str, dict[str, float]], single: dict[str, dict[str, float]],

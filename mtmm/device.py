@@ -33,3 +33,15 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread for the block: work on tiny tensors (per-sample augmentation, a batch's softmax) pays more
+    for waking a second thread than it gains, several times over on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -36,7 +36,8 @@ def predict_file(model: Predictor, path: str | Path, run_dir: Path, batch_size: 
     dataset = ManifestDataset(records, path, root, [], model.transform, model.tokenizer, model.max_length)
     loader = file_order_loader(dataset, batch_size, 0)
     claim(run_dir, "predict")
-    header = ["id"] + [column for task in model.task_specs for column in csv_columns(task)]
+    tasks = model.task_specs
+    header = ["id"] + [column for task in tasks for column in csv_columns(task)]
     started, done = time.perf_counter(), 0
     with (run_dir / "predictions.csv").open("w", encoding="utf-8", newline="") as table, \
             (run_dir / "predictions.jsonl").open("w", encoding="utf-8") as lines:
@@ -45,12 +46,12 @@ def predict_file(model: Predictor, path: str | Path, run_dir: Path, batch_size: 
         bar = tqdm(total=len(dataset), desc="predict", unit="pairs", disable=None if progress else True)
         for batch in loader:
             logits = model.logits(batch)
-            per_task = {task.name: predicted_batch(task, logits[task.name]) for task in model.task_specs}
-            for index, row in zip(batch["index"].tolist(), zip(*per_task.values())):
-                result = dict(zip(per_task, row))
-                lines.write(json.dumps(clean({"id": dataset.ids[index], **result})) + "\n")
-                writer.writerow([dataset.ids[index]] + [cell for task in model.task_specs
-                                                        for cell in csv_cells(task, result[task.name])])
+            per_task = {task.name: predicted_batch(task, logits[task.name]) for task in tasks}
+            rows = [{"id": dataset.ids[index], **dict(zip(per_task, row))}
+                    for index, row in zip(batch["index"].tolist(), zip(*per_task.values()))]
+            lines.write("".join(json_line(row) + "\n" for row in rows))
+            writer.writerows([row["id"], *(cell for task in tasks for cell in csv_cells(task, row[task.name]))]
+                             for row in rows)
             done += len(batch["index"])
             bar.update(len(batch["index"]))
             bar.set_postfix(samples_per_s=f"{done / (time.perf_counter() - started):.0f}")
@@ -58,6 +59,17 @@ def predict_file(model: Predictor, path: str | Path, run_dir: Path, batch_size: 
     log.info("%d pairs predicted (%.0f samples/s): %s and predictions.jsonl", done,
              done / max(time.perf_counter() - started, 1e-9), run_dir / "predictions.csv")
     return done
+
+
+JSON = json.JSONEncoder(allow_nan=False)  # json.dumps' output; made once (json.dumps(allow_nan=...) makes one a call)
+
+
+def json_line(row: dict) -> str:
+    """One row of predictions.jsonl; NaN/inf (not JSON) written as null, by records.clean, only where there is one."""
+    try:
+        return JSON.encode(row)
+    except ValueError:
+        return json.dumps(clean(row))
 
 
 def csv_columns(task) -> list[str]:

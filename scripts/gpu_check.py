@@ -13,7 +13,7 @@ Checks (in this order; each runs in its own subprocess on a GPU, with its own ti
   compile          trainer.compile=true
   workers_pinned   data.num_workers=2 data.pin_memory=true: the loader's batches are page-locked, the run trains
   feature_cache    frozen resnet18 (encoder.image.freeze=true): its features computed once on the GPU, trained from
-  bench_a bench_c  scripts/bench.py (a) loop overhead and (c) data wait, called with device= when they take one
+  bench_a bench_c  scripts/bench.py (a) loop overhead and (c) data wait, on the GPU (bench.py --device cuda)
   large_model      resnet50 + a BERT-base-sized random text encoder, 224 px, batch 128, bf16: samples/s, peak memory
 
 Everything is written under --out (a new folder; a temp folder by default): per check its run folder and log, the
@@ -229,21 +229,20 @@ def check_feature_cache(ctx: Context, timeout: float) -> dict:
 
 
 def bench_function(ctx: Context, name: str):
-    """scripts/bench.py's function, to be called with the device (or on CPU in the dry run, at tiny sizes)."""
+    """scripts/bench.py's function, called with --device's value: cuda here (cpu in the dry run, at tiny sizes)."""
     import inspect
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench
     function = getattr(bench, name)
-    if "device" in inspect.signature(function).parameters:
-        return lambda quick: function(quick, device=ctx.device)
-    if not ctx.dry:
-        raise Skip(f"bench.{name} runs on CPU only (config() adds device=cpu, plain_epoch moves batches to "
-                   f"bench.CPU): give it a device argument")
-    if not getattr(bench.config, "gpu_check_tiny", False):  # the dry run: same code, 64 training samples
+    takes_device = "device" in inspect.signature(function).parameters
+    if not ctx.dry and not takes_device:
+        raise Skip(f"bench.{name} runs on CPU only: give it a device argument")
+    if ctx.dry and not getattr(bench.config, "gpu_check_tiny", False):  # the same code, 64 training samples
         original = bench.config
-        bench.config = lambda *overrides: original(*overrides, "data.source.train=64", "data.source.val=32")
+        bench.config = lambda *overrides, **options: original(*overrides, "data.source.train=64",
+                                                              "data.source.val=32", **options)
         bench.config.gpu_check_tiny = True
-    return function
+    return (lambda quick: function(quick, device=ctx.device)) if takes_device else function
 
 
 def check_bench_a(ctx: Context, timeout: float) -> dict:

@@ -108,3 +108,27 @@ def test_bad_values_name_the_key_and_what_is_accepted(make_cfg):
         build_data(make_cfg(*SMALL, "augment=light", "augment.policy=autoaugment"))
     with pytest.raises(UserError, match=r"augment.scale"):
         build_data(make_cfg(*SMALL, "augment=light", "augment.scale=[0.5,2]"))
+
+
+def test_a_sample_gets_torchvisions_pixels_whatever_its_batch_and_the_global_rng_is_untouched():
+    from torchvision.transforms.v2 import functional as F
+    from mtmm.data.augment import Augment, sample_seed
+    augment = Augment(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05, seed=3)
+    rows = torch.randint(0, 256, (12, 3, 21, 21), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    state = torch.get_rng_state()
+    out = augment(rows, 18, [2] * 12, list(range(12)))
+    assert torch.equal(torch.get_rng_state(), state)
+    # the same samples alone, in another order, in another batch: the same pixels
+    alone = [augment(rows[k:k + 1], 18, [2], [k]) for k in range(12)]
+    assert torch.equal(torch.cat(alone), out)
+    assert torch.equal(augment(rows.flip(0), 18, [2] * 12, list(range(11, -1, -1))), out.flip(0))
+    # the batched flip and colour jitter are torchvision's, with the sample's own parameters and order
+    adjust = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue]
+    for k in range(12):
+        params = augment.draw(sample_seed(3, 2, k), 21, 21)
+        expected = F.resized_crop(rows[k], *params["crop"], [18, 18], antialias=True)
+        expected = F.horizontal_flip(expected) if params["flip"] else expected
+        for n in params["order"]:
+            expected = adjust[n](expected, params["factors"][n])
+        assert torch.equal(out[k], expected)
+    assert len({tuple(augment.draw(k, 21, 21)["crop"]) for k in range(20)}) > 10  # the crops do vary

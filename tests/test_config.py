@@ -49,6 +49,13 @@ def test_task_presets(preset, tasks):
         assert cfg.tasks[name].weight == 1.0 and cfg.tasks[name].type in ("multiclass", "binary")
 
 
+def test_the_scarce_label_preset_pairs_size_with_related_image_tasks():
+    cfg = compose_train("tasks=img+size+tags", "data.source.label_fraction={size:0.05}")
+    assert list(cfg.tasks) == ["img", "size", "tags"]
+    assert [cfg.tasks[name].type for name in cfg.tasks] == ["multiclass", "regression", "multilabel"]
+    assert cfg.data.source.label_fraction == {"size": 0.05}
+
+
 def test_single_task_weight_override_from_the_command_line():
     cfg = compose_train("tasks=img+txt+match", "tasks.match.weight=2.5")
     assert cfg.tasks.match.weight == 2.5 and cfg.tasks.img.weight == 1.0

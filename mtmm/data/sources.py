@@ -2,6 +2,7 @@
 and the folder that relative image paths start from. One function per kind of source, chosen by `_target_`."""
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +20,62 @@ class DataSource:
     image_root: Path  # relative image paths are relative to this folder
 
 
+# The manifest fields that hold a label, and the shipped tasks (conf/task/) that read them under another name.
+SHAPES_LABELS = ("shape", "colour", "sentiment", "match", "size", "tags")
+SHAPES_TASK_FIELDS = {"img": "shape", "txt": "sentiment"}
+
+
 def shapes(cache_dir: str, seed: int = 0, image_size: int = 64, train: int = 4000, val: int = 500, test: int = 500,
-           background: str = "grey") -> DataSource:
-    """The embedded `shapes` dataset, generated into cache_dir on first use."""
+           background: str = "grey", label_fraction: Mapping | None = None) -> DataSource:
+    """The embedded `shapes` dataset, generated into cache_dir on first use; `label_fraction` keeps only a share
+    of the training labels of some fields (the rest become "no label"), see keep_label_fraction."""
+    fractions = label_fractions(label_fraction, train)  # checked before anything is generated
     folder = prepare_shapes(cache_dir, seed=seed, image_size=image_size, train=train, val=val, test=test,
                             background=background)
     files = {split: folder / f"{split}.jsonl" for split in SPLITS}
-    return DataSource({split: read_manifest(path) for split, path in files.items()}, files, folder)
+    records = {split: read_manifest(path) for split, path in files.items()}
+    records["train"] = keep_label_fraction(records["train"], fractions, seed)
+    return DataSource(records, files, folder)
+
+
+def label_fractions(label_fraction: Mapping | None, train_count: int) -> dict[str, float]:
+    """{task or field: share} from the config -> {manifest field: share in (0, 1]}, or a one-line UserError."""
+    if label_fraction is not None and not isinstance(label_fraction, Mapping):
+        raise UserError(f"data.source.label_fraction={label_fraction!r}: give a mapping of task or field to share, "
+                        f"e.g. data.source.label_fraction={{img:0.05}}")
+    fields = {}
+    for key, share in (label_fraction or {}).items():
+        field = SHAPES_TASK_FIELDS.get(key, key)
+        if field not in SHAPES_LABELS:
+            raise UserError(f"data.source.label_fraction.{key}: not a label of the shapes data; use a task "
+                            f"({', '.join(f'{task} = {name}' for task, name in SHAPES_TASK_FIELDS.items())}) or a "
+                            f"field ({', '.join(SHAPES_LABELS)})")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise UserError(f"data.source.label_fraction.{key}={share!r}: give the share of training samples that "
+                            f"keep the label, a number in (0, 1], e.g. 0.05")
+        if round(share * train_count) < 1 and train_count:
+            raise UserError(f"data.source.label_fraction.{key}={share!r} keeps no label of the {train_count} training "
+                            f"samples; give at least {1 / train_count:.2g}")
+        if field in fields:
+            raise UserError(f"data.source.label_fraction names field {field!r} twice ({key!r} and an alias)")
+        fields[field] = float(share)
+    return fields
+
+
+def keep_label_fraction(records: list[dict], fractions: dict[str, float], seed: int) -> list[dict]:
+    """Keep each field's label on round(share x N) training records, chosen at random (seeded by the generation
+    seed and the field, so the same config always labels the same samples); the others lose it (None: no label,
+    masked out of that task's loss). Other fields, and the val/test splits, keep every label."""
+    if not fractions:
+        return records
+    records = [dict(record) for record in records]  # the caller's manifest rows stay as read
+    for field, share in sorted(fractions.items()):
+        keep = set(random.Random(f"{seed}/label_fraction/{field}").sample(range(len(records)),
+                                                                           round(share * len(records))))
+        for index, record in enumerate(records):
+            if index not in keep:
+                record[field] = None
+    return records
 
 
 def manifest(train: str, val: str | None = None, test: str | None = None, split_column: str | None = None,

@@ -15,6 +15,8 @@ from mtmm.data.collate import finish_batch
 from mtmm.data.dataset import ManifestDataset
 from mtmm.data.images import ImageTransform
 from mtmm.data.sampler import EpochShuffle
+from mtmm.data.sources import DataSource
+from mtmm.data.streamed import ShardSplit, build_streamed_data, stream_loader
 from mtmm.data.tokenizer import tokenizer_from_files, tokenizer_to_files
 from mtmm.data.workers import loader_workers, worker_options
 from mtmm.errors import UserError
@@ -24,7 +26,7 @@ from mtmm.tasks import TaskSpec, build_tasks, check_tasks
 
 @dataclass
 class Data:
-    datasets: dict[str, ManifestDataset]  # split -> dataset
+    datasets: dict[str, ManifestDataset]  # split -> dataset (a TableDataset or ShardSplit for data=hf / webdataset)
     tasks: list[TaskSpec]
     tokenizer: object | None  # a transformers tokenizer, None without a text encoder
 
@@ -47,6 +49,10 @@ def build_data(cfg: DictConfig, splits: tuple[str, ...] = ("train", "val", "test
         raise UserError("both encoder/image and encoder/text are none; configure at least one modality")
     check_tasks(cfg)
     source = instantiate(cfg.data.source)
+    if not isinstance(source, DataSource):  # data=hf or data=webdataset: rows read per batch (data/streamed.py)
+        transform = image_transform(cfg) if has_encoder(cfg, "image") else None
+        augment = build_augment(cfg.get("augment"), cfg.seed) if transform is not None else None
+        return Data(*build_streamed_data(cfg, source, splits, saved, origin, transform, augment))
     train_records = source.records["train"]
     tasks = build_tasks(cfg, train_records, saved)
     tokenizer = None
@@ -95,6 +101,8 @@ def build_loader(cfg: DictConfig, data: Data, split: str, seed: int = 0, device:
     `cached` (modality -> this split's cached encoder outputs, see cache/features.py): those inputs are not loaded."""
     training = split == "train"
     split_data = data.datasets[split]
+    if isinstance(split_data, ShardSplit):
+        return stream_loader(cfg, split_data, training, seed, device, rank, world_size)
     dataset = SkipModalities(split_data, cached) if cached else split_data
     loads_images = split_data.transform is not None and "image" not in (cached or {})
     workers = loader_workers(cfg.data.num_workers, loads_images, device)

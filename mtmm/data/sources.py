@@ -145,15 +145,23 @@ def by_split_column(records: list[dict], path: Path, column: str) -> tuple[dict,
 
 def random_split(records: dict, missing: list[str], fractions: dict, seed: int, path: Path) -> dict:
     """Move a seeded random fraction of the training rows into each missing split (same seed, same split)."""
-    rows = list(records["train"])
+    held, kept = hold_out(len(records["train"]), missing, fractions, seed, path)
+    rows = records["train"]
+    records["train"] = [rows[i] for i in kept]
+    return {split: [rows[i] for i in indices] for split, indices in held.items()}
+
+
+def hold_out(count: int, missing: list[str], fractions: dict, seed: int, path) -> tuple[dict, list[int]]:
+    """({split: the row indices it takes}, the indices training keeps), each in file order: a seeded shuffle of the
+    training rows, each missing split taking its fraction in turn (same seed, same split, whatever the source)."""
+    rows = list(range(count))
     random.Random(seed).shuffle(rows)
-    taken, result = 0, {}
+    taken, held = 0, {}
     for split in missing:
-        count = round(fractions[split] * len(rows))
-        if count < 1:
-            raise UserError(f"{path}: {len(rows)} rows are too few to hold out a {split} split of "
+        size = round(fractions[split] * count)
+        if size < 1:
+            raise UserError(f"{path}: {count} rows are too few to hold out a {split} split of "
                             f"{fractions[split]:.0%}; give data.source.{split}=FILE")
-        result[split] = sorted(rows[taken: taken + count], key=lambda record: record[LINE])
-        taken += count
-    records["train"] = sorted(rows[taken:], key=lambda record: record[LINE])
-    return result
+        held[split] = sorted(rows[taken: taken + size])
+        taken += size
+    return held, sorted(rows[taken:])

@@ -245,3 +245,69 @@ def test_clip_towers_work_with_every_fusion(models):
         for modality in ("image", "text"):
             grads = [p.grad for n, p in model.encoders[modality].model.named_parameters() if p.grad is not None]
             assert grads and any(g.abs().sum() > 0 for g in grads), (fusion, modality)
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2", "convnext"])
+def test_hf_vision_models_load_their_saved_weights_train_and_evaluate(tmp_path, kind):
+    from safetensors.torch import load_file
+    path = tiny.vision_model(kind, tmp_path / "model")
+    saved = load_file(str(path / "model.safetensors"))
+    encoder = HFImageEncoder(str(path), mean=[0.5] * 3, std=[0.5] * 3, size=32)
+    # transformers 5 renames legacy keys while loading (encoder.layer.0.attention.attention.query -> layers.0.
+    # attention.q_proj), so tensors are matched by value: every saved tensor is one of the encoder's
+    loaded = list(encoder.model.state_dict().values())
+    assert len(loaded) == len(saved)
+    for name, tensor in saved.items():
+        assert any(t.shape == tensor.shape and torch.equal(t, tensor) for t in loaded), name
+    train(compose_run(tmp_path, "encoder/image=hf", f"encoder.image.name={path}", "tasks=img"),
+          run_dir=tmp_path / "run")
+    metrics = evaluate_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", run_dir=tmp_path / "eval",
+                                  device="cpu")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert metrics["img"]["loss"] == pytest.approx(summary["best"]["test"]["img"]["loss"], rel=1e-5)
+
+
+def test_lora_counts_what_peft_counts_and_resumes_exactly_in_bf16(tmp_path):
+    """The trainable parameters of a LoRA encoder are peft's own count; a stopped bf16 run resumes to bitwise the
+    same weights as an uninterrupted one."""
+    import peft
+    import timm
+    from mtmm.errors import UserError
+    from mtmm.loop import StopSignal
+    lora = TimmEncoder("test_vit", mean=[0.5] * 3, std=[0.5] * 3, crop=32, lora={"rank": 4, "alpha": 8})
+    ours = sum(p.numel() for n, p in lora.model.named_parameters() if p.requires_grad)
+    reference = peft.get_peft_model(timm.create_model("test_vit", num_classes=0),
+                                    peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv"]))
+    assert ours == reference.get_nb_trainable_parameters()[0]
+    weights = tiny.timm_weights("test_vit", tmp_path)
+    run = ["encoder/image=timm", "encoder.image.name=test_vit", f"encoder.image.weights={weights}",
+           "encoder.image.size=32", "encoder.image.crop=32", "encoder.image.lora.rank=4", "device.precision=bf16",
+           "trainer.checkpoint_every=1", "tasks=img", "encoder/text=none"]
+    train(compose_run(tmp_path / "a", *run), run_dir=tmp_path / "whole")
+    calls = iter(range(1000))
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(UserError, match="stopped"):
+        patch.setattr(StopSignal, "requested", lambda self: next(calls) == 0)  # after the first optimizer step
+        train(compose_run(tmp_path / "a", *run), run_dir=tmp_path / "part")
+    train(compose_run(tmp_path / "a", *run, f"resume={tmp_path / 'part'}"))
+    whole, part = (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"]
+                   for name in ("whole", "part"))
+    assert all(torch.equal(part[name], whole[name]) for name in whole)
+
+
+def test_lora_encoder_under_two_processes_matches_one(tmp_path):
+    """DDP over an HF ViT with LoRA (frozen base, adapters trainable): 2 gloo processes give the losses of 1 with
+    the same global batch (no dropout, no BatchNorm)."""
+    import math
+    path = tiny.vision_model("vit", tmp_path / "model")
+    common = ["encoder/image=hf", f"encoder.image.name={path}", "encoder.image.lora.rank=4", "tasks=img",
+              "encoder/text=none", "mtl.dropout=0", "data.batch_size=32"]
+    train(compose_run(tmp_path, *common), run_dir=tmp_path / "one")
+    train(compose_run(tmp_path, *common, "device.nproc_per_node=2"), run_dir=tmp_path / "two")
+    read = lambda d: [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    one, two = read("one"), read("two")
+    assert [r["split"] for r in one] == [r["split"] for r in two]
+    for a, b in zip(one, two):
+        if a["split"] == "train":
+            assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
+        else:
+            assert math.isclose(a["img"]["loss"], b["img"]["loss"], rel_tol=1e-4), (a, b)

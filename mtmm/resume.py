@@ -42,7 +42,24 @@ def resume_target(target: str) -> tuple[Path, Path | None]:
 
 # What may change when a run is resumed: how it runs, not what it computes (besides training longer).
 RESUMABLE = ("trainer.epochs", "trainer.progress", "trainer.log_every", "trainer.checkpoint_every", "device.type",
-             "data.num_workers", "data.persistent_workers", "data.pin_memory")
+             "data.num_workers", "data.persistent_workers", "data.pin_memory", "logger", "logger.mlflow.tracking_uri",
+             "logger.wandb.mode")
+
+
+def keep_trackers_local(cfg: DictConfig) -> None:
+    """A stored config does not send this run's records off the machine (nor use the W&B login of whoever resumes):
+    MLflow goes back to the run folder's own store and W&B to offline; the command line may set them again
+    (logger=[mlflow,wandb] logger.mlflow.tracking_uri=... logger.wandb.mode=online)."""
+    logger = cfg.get("logger") or {}
+    if "mlflow" in logger and logger.mlflow.get("tracking_uri") is not None:
+        log.warning("resume: logger.mlflow.tracking_uri=%s is not taken from the stored config; MLflow logs to the "
+                    "run folder (give logger=mlflow logger.mlflow.tracking_uri=... again to continue there)",
+                    logger.mlflow.tracking_uri)
+        logger.mlflow.tracking_uri = None
+    if "wandb" in logger and logger.wandb.get("mode") != "offline":
+        log.warning("resume: logger.wandb.mode=%s is not taken from the stored config; W&B runs offline (give "
+                    "logger=wandb logger.wandb.mode=online again to continue online)", logger.wandb.get("mode"))
+        logger.wandb.mode = "offline"
 
 
 def resumed_config(composed: DictConfig, run_dir: Path, checkpoint: Path | None,
@@ -59,6 +76,7 @@ def resumed_config(composed: DictConfig, run_dir: Path, checkpoint: Path | None,
     if checkpoint is not None:
         check_saved_data(state, cfg, source)
     use_own_cache_dirs(cfg, {key: OmegaConf.select(composed, key) for key in CACHE_KEYS})
+    keep_trackers_local(cfg)
     if overrides is None:
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     for override in OverridesParser.create().parse_overrides(list(overrides)):
@@ -74,7 +92,7 @@ def resumed_config(composed: DictConfig, run_dir: Path, checkpoint: Path | None,
         if key == "trainer.epochs" and cfg.sched.name != "none" and value != cfg.trainer.epochs:
             log.warning("trainer.epochs %s -> %s: the learning-rate schedule is recomputed for the new length",
                         cfg.trainer.epochs, value)
-        OmegaConf.update(cfg, key, value, merge=False)
+        OmegaConf.update(cfg, key, value, merge=False, force_add=key == "logger")  # trackers may be added
     return cfg
 
 

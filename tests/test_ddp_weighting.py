@@ -126,7 +126,7 @@ def train_steps(loss_cfg: dict, accumulate: int, rank: Rank) -> dict:
     run = SimpleNamespace(cfg=cfg, model=model, forward=forward, weighting=weighting, optimizer=optimizer,
                           scaler=torch.amp.GradScaler("cpu", enabled=False),
                           scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-                          data=SimpleNamespace(tasks=TASKS), device=torch.device("cpu"), rank=rank)
+                          data=SimpleNamespace(tasks=TASKS), device=torch.device("cpu"), rank=rank, ema=None)
     model.train()
     weighting.train()
     progress, record = Progress(), {"losses": [], "weights": []}

@@ -212,3 +212,22 @@ def test_no_tracker_by_default_metrics_jsonl_only():
     with initialize_config_module("mtmm.conf", version_base="1.3"):
         cfg = compose("train")
     assert cfg.get("logger") is None and build_trackers(cfg.get("logger"), None, {}, None) == []
+
+
+def test_a_resumed_run_does_not_take_remote_trackers_from_the_stored_config(tmp_path):
+    """resume= reads the config from the checkpoint: it may not send records to a server or log in to W&B unless
+    the command line says so again."""
+    from mtmm.resume import resumed_config
+    run_dir = tmp_path / "run"
+    train(compose_tiny(tmp_path, "logger=[mlflow,wandb]", "trainer.epochs=1"), run_dir=run_dir)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    stored = state["config"].replace("tracking_uri: null", "tracking_uri: http://tracker.example:5000")
+    stored = stored.replace("mode: offline", "mode: online")
+    state["config"] = stored
+    torch.save(state, run_dir / "checkpoints" / "last.pt")
+    composed = compose_tiny(tmp_path)
+    cfg = resumed_config(composed, run_dir, run_dir / "checkpoints" / "last.pt", [])
+    assert cfg.logger.mlflow.tracking_uri is None and cfg.logger.wandb.mode == "offline"
+    again = ["logger=[mlflow,wandb]", "logger.wandb.mode=online", "logger.mlflow.tracking_uri=http://mine:5000"]
+    cfg = resumed_config(compose_tiny(tmp_path, *again), run_dir, run_dir / "checkpoints" / "last.pt", again)
+    assert cfg.logger.wandb.mode == "online" and cfg.logger.mlflow.tracking_uri == "http://mine:5000"

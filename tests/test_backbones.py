@@ -19,7 +19,7 @@ from mtmm.models.image_timm import TimmEncoder
 from mtmm.models.presets import fill_image_preprocessing
 from mtmm.train import train
 from tests import backbone_models as tiny
-from tests.conftest import TINY
+from tests.conftest import TINY, assert_processes_agree
 
 FAST = [*TINY, "trainer.epochs=1", "data.source.train=64", "data.source.val=32", "data.source.test=32"]
 
@@ -297,17 +297,37 @@ def test_lora_counts_what_peft_counts_and_resumes_exactly_in_bf16(tmp_path):
 def test_lora_encoder_under_two_processes_matches_one(tmp_path):
     """DDP over an HF ViT with LoRA (frozen base, adapters trainable): 2 gloo processes give the losses of 1 with
     the same global batch (no dropout, no BatchNorm)."""
-    import math
     path = tiny.vision_model("vit", tmp_path / "model")
     common = ["encoder/image=hf", f"encoder.image.name={path}", "encoder.image.lora.rank=4", "tasks=img",
               "encoder/text=none", "mtl.dropout=0", "data.batch_size=32"]
     train(compose_run(tmp_path, *common), run_dir=tmp_path / "one")
     train(compose_run(tmp_path, *common, "device.nproc_per_node=2"), run_dir=tmp_path / "two")
-    read = lambda d: [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    one, two = read("one"), read("two")
-    assert [r["split"] for r in one] == [r["split"] for r in two]
-    for a, b in zip(one, two):
-        if a["split"] == "train":
-            assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
-        else:
-            assert math.isclose(a["img"]["loss"], b["img"]["loss"], rel_tol=1e-4), (a, b)
+    assert_processes_agree(tmp_path / "one", tmp_path / "two", "img")
+
+
+class Payload:
+    """A pickled object that would write a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_weight_file_or_image_config_cannot_run_code(tmp_path):
+    """A timm weight file holding pickled objects is refused (timm reads it with weights_only), and a checkpoint
+    whose image_config asks for custom code is refused before anything is built."""
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "evil.pth"
+    torch.save({"weight": Payload(marker)}, crafted)
+    with pytest.raises(UserError, match=r"weights=.*evil.pth: the weights of test_vit could not be loaded"):
+        TimmEncoder("test_vit", weights=str(crafted), mean=[0.5] * 3, std=[0.5] * 3, crop=160)
+    assert not marker.exists()
+    path = tiny.vision_model("vit", tmp_path / "model")
+    encoder = HFImageEncoder(str(path), mean=[0.5] * 3, std=[0.5] * 3, size=32)
+    fields = json.loads(encoder.config_json())
+    fields["auto_map"] = {"AutoModel": "evil.Model"}
+    with pytest.raises(UserError, match="image_config asks for custom code"):
+        HFImageEncoder(str(path), mean=[0.5] * 3, std=[0.5] * 3, size=32, saved_config=json.dumps(fields),
+                       pretrained=False)

@@ -41,3 +41,19 @@ def train_tiny(folder, *overrides: str):
         cfg = compose("train", overrides=[f"data.source.cache_dir={folder / 'data'}", *TINY, *overrides])
     train(cfg, run_dir=folder / "run")
     return folder / "run" / "checkpoints" / "best.pt"
+
+
+def assert_processes_agree(one, two, task: str) -> None:
+    """The metrics.jsonl of a 1-process and a 2-process run of the same global batch: the same records, each train
+    loss and each evaluation's `task` loss within float tolerance, the same labelled counts."""
+    import json
+    import math
+    read = lambda folder: [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    first, second = read(one), read(two)
+    assert [r["split"] for r in first] == [r["split"] for r in second]
+    for a, b in zip(first, second):
+        if a["split"] == "train":
+            assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
+        else:
+            assert math.isclose(a[task]["loss"], b[task]["loss"], rel_tol=1e-4), (a, b)
+            assert a[task]["count"] == b[task]["count"], (a, b)

@@ -2,7 +2,6 @@
 checkpoints and stops; saves are atomic; the non-finite guard; distributed training on CPU."""
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import torch
 from mtmm.checkpoint import link_atomically, save_checkpoint
 from mtmm.errors import UserError
 from mtmm.train import train
+from tests.conftest import assert_processes_agree
 
 BIN = Path(sys.executable).parent
 RUN = ["data.source.train=96", "data.source.val=32", "data.source.test=32", "data.batch_size=16", "trainer.epochs=2",
@@ -225,12 +225,5 @@ def test_two_processes_on_cpu_match_one_with_the_same_global_batch(make_cfg, tmp
               "encoder.text.hidden_size=32", "encoder.text.intermediate_size=64"]
     train(make_cfg(*common), run_dir=tmp_path / "one")
     train(make_cfg(*common, "device.nproc_per_node=2"), run_dir=tmp_path / "two")
-    read = lambda d: [json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731,E741
-    one, two = read("one"), read("two")
-    assert [r["split"] for r in one] == [r["split"] for r in two]
-    for a, b in zip(one, two):
-        if a["split"] == "train":
-            assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a, b)
-        else:
-            assert math.isclose(a["txt"]["loss"], b["txt"]["loss"], rel_tol=1e-4) and a["txt"]["count"] == b["txt"]["count"]
+    assert_processes_agree(tmp_path / "one", tmp_path / "two", "txt")
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["samples"]["train"] == 96

@@ -209,20 +209,25 @@ def bench_weighting(quick: bool, device: str = "cpu") -> dict:
                        "txt": "[negative, neutral, positive]", "match": "[different, same]"}[name]
             tasks.append(f"+tasks.{name}{k}={{type: {kind}, target: {target}, classes: {classes}, weight: 1.0, "
                          f"head_hidden: [64], metrics: {metrics}}}")
-        per_step = {}
+        # Every method's run is set up first and their steps are then timed in rounds, one method after another,
+        # so that a slow stretch of a shared machine falls on all methods alike (side by side, not one after another).
+        runs, times = {}, {method: [] for method in methods}
         for method in methods:
             cfg = config("tasks=none", *tasks, f"loss={method}", "data.source.train=400",
                          "trainer.monitor=val/mean/accuracy", device=device)
             run = setup(cfg)
-            batches = [batch for _, batch in zip(range(steps + 2), run.loaders["train"])]
             run.model.train()
-            progress, times = Progress(), []
-            for batch in batches:
-                started = time.perf_counter()
-                train_step(run, batch, progress)
-                synchronize(run.device)
-                times.append(time.perf_counter() - started)
-            per_step[method] = statistics.median(times[2:])  # after two warm-up steps
+            runs[method] = (run, [batch for _, batch in zip(range(steps), run.loaders["train"])])
+        progress, rounds = Progress(), 3
+        for round_ in range(rounds):
+            for method, (run, batches) in runs.items():
+                for i, batch in enumerate(batches[round_::rounds]):
+                    started = time.perf_counter()
+                    train_step(run, batch, progress)
+                    synchronize(run.device)
+                    if round_ or i >= 2:  # two warm-up steps per method
+                        times[method].append(time.perf_counter() - started)
+        per_step = {method: statistics.median(t) for method, t in times.items()}
         result[f"{count}_tasks"] = {method: t / per_step["static"] for method, t in per_step.items()}
     return result
 

@@ -46,27 +46,9 @@ def restore_model(state: dict, cfg, tasks: list[TaskSpec], tokenizer, checkpoint
     return model.eval()
 
 
-def predicted(task: TaskSpec, logits: torch.Tensor) -> dict:
-    """One sample's prediction for one task: class name(s) with the probabilities, or the value in the target's
-    units."""
-    if task.type == "regression":
-        return {"prediction": float(logits[0]) * task.std + task.mean}
-    logits = logits / task.temperature
-    if task.type == "multilabel":
-        probabilities = torch.sigmoid(logits).tolist()
-        return {"prediction": [name for name, p in zip(task.classes, probabilities) if p > 0.5],
-                "probabilities": [round(p, 6) for p in probabilities]}
-    if task.type == "binary":
-        positive = torch.sigmoid(logits[0]).item()
-        probabilities = [1 - positive, positive]
-    else:
-        probabilities = torch.softmax(logits, dim=-1).tolist()
-    best = max(range(len(probabilities)), key=probabilities.__getitem__)
-    return {"prediction": task.classes[best], "probabilities": [round(p, 6) for p in probabilities]}
-
-
 def predicted_batch(task: TaskSpec, logits: torch.Tensor) -> list[dict]:
-    """predicted() for every row of a batch's logits [B, outputs], the probabilities computed once for the batch."""
+    """Per row of a batch's logits [B, outputs], the prediction for one task: class name(s) with the probabilities
+    (six digits), or the value in the target's units; the probabilities computed once for the batch."""
     with one_thread():  # [B, classes] is tiny: a second thread only waits (ms per call on a loaded machine)
         return rows_predicted(task, logits)
 

@@ -12,7 +12,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mtmm.api import open_checkpoint, predicted, restore_model
+from mtmm.api import open_checkpoint, predicted_batch, restore_model
 from mtmm.data.build import build_data, build_loader
 from mtmm.calibration import fit_temperature
 from mtmm.checkpoint import save_checkpoint
@@ -94,27 +94,29 @@ def write_predictions(path: Path, outputs: Outputs, data) -> None:
     """One line per sample: its id and, per task, the target and the prediction (class names, label names or a
     value in the target's units) with the model's probabilities."""
     dataset = next(iter(data.datasets.values()))
+    # The split's logits as batches, as mtmm-predict does: element-wise kernels round a lone row and a row inside a
+    # batch differently in the last bit, which the printed six digits can show.
+    predictions = {task.name: predicted_batch(task, outputs.logits[task.name]) for task in data.tasks}
     with path.open("w", encoding="utf-8") as file:
         for row, index in enumerate(outputs.index.tolist()):
             record = {"id": dataset.ids[index]}
             for task in data.tasks:
                 labelled = bool(outputs.mask[task.name][row])
-                record[task.name] = describe(task, outputs.logits[task.name][row], outputs.targets[task.name][row],
-                                             labelled)
+                record[task.name] = {"target": target_of(task, outputs.targets[task.name][row], labelled),
+                                     **predictions[task.name][row]}
             file.write(json.dumps(clean(record)) + "\n")
 
 
-def describe(task, logits: torch.Tensor, target: torch.Tensor, labelled: bool) -> dict:
-    """The sample's target for the task (None when it has no label), beside what the model predicts (api.predicted)."""
+def target_of(task, target: torch.Tensor, labelled: bool):
+    """The sample's target for the task in its own terms (class or label names, or a value in the target's units);
+    None when it has no label."""
     if not labelled:
-        truth = None
-    elif task.type == "regression":
-        truth = float(target) * task.std + task.mean  # back to the target's units
-    elif task.type == "multilabel":
-        truth = [name for name, on in zip(task.classes, target.tolist()) if on > 0.5]
-    else:
-        truth = task.classes[int(target)]
-    return {"target": truth, **predicted(task, logits)}
+        return None
+    if task.type == "regression":
+        return float(target) * task.std + task.mean  # back to the target's units
+    if task.type == "multilabel":
+        return [name for name, on in zip(task.classes, target.tolist()) if on > 0.5]
+    return task.classes[int(target)]
 
 
 @hydra.main(version_base="1.3", config_path="pkg://mtmm.conf", config_name="eval")

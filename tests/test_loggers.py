@@ -38,9 +38,13 @@ def expected(run_dir) -> dict[str, dict[int, float]]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("loggers")
-    train(compose_tiny(folder, LOGGERS, "trainer.log_conflict_every=2"), run_dir=folder / "run")
+    try:
+        train(compose_tiny(folder, LOGGERS, "trainer.log_conflict_every=2"), run_dir=folder / "run")
+    finally:  # the tests after this module train with the machine's threads, as they do run alone
+        torch.set_num_threads(threads)
     return folder / "run"
 
 

@@ -14,9 +14,11 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from conftest import train_tiny
 from mtmm import load_model
+from mtmm.api import predicted_batch
 from mtmm.errors import UserError
 from mtmm.eval import evaluate_checkpoint
 from mtmm.predict import predict_file
+from mtmm.tasks import TaskSpec
 
 BIN = Path(sys.executable).parent
 SMALL = ["encoder.text.hidden_size=16", "encoder.text.intermediate_size=32", "trainer.epochs=1",
@@ -47,6 +49,21 @@ def test_predict_on_a_file_equals_mtmm_eval_on_the_same_rows(trained, tmp_path):
         rows = list(csv.DictReader(file))
     assert rows[0]["id"] == predicted[0]["id"] and rows[0]["img"] == predicted[0]["img"]["prediction"]
     assert float(rows[0]["match:same"]) == pytest.approx(predicted[0]["match"]["probabilities"][1])
+
+
+def test_a_split_at_once_and_in_the_predictors_batches_print_the_same_digits():
+    """mtmm-eval describes a split's logits in one batch, mtmm-predict in batches of 64: every row must print the same
+    six digits both ways, for every task type (row by row, with 1 - p taken in double, ~1 binary logit in 30 and, for
+    sigmoids, element-wise kernels' lone-row path, split them apart)."""
+    logits = torch.randn(1000, 3, generator=torch.Generator().manual_seed(0)) * 4
+    for task in (TaskSpec(name="match", type="binary", target="match", classes=("different", "same")),
+                 TaskSpec(name="txt", type="multiclass", target="sentiment", classes=("neg", "neu", "pos")),
+                 TaskSpec(name="tags", type="multilabel", target="tags", classes=("a", "b", "c"), temperature=1.7),
+                 TaskSpec(name="size", type="regression", target="size", mean=9.5, std=2.5)):
+        rows = logits[:, :1] if task.type in ("binary", "regression") else logits
+        whole = predicted_batch(task, rows)
+        assert whole == [row for start in range(0, len(rows), 64) for row in predicted_batch(task, rows[start:start + 64])]
+        assert len({str(row) for row in whole}) > 900  # the rows do differ (a few saturate alike)
 
 
 def test_the_api_takes_paths_pil_images_and_tensors_and_missing_modalities(trained, tmp_path):

@@ -248,6 +248,19 @@ def test_no_labelled_task_leaves_the_shared_parameters_alone():
     assert model.shared_p.grad is None  # no loss reached it: the optimizer skips it (no weight decay, no momentum)
 
 
+def test_db_mtl_heads_descend_their_log_loss_as_libmtl_does():
+    # LibMTL backpropagates each log(L_k + 1e-8) (mode='backward'): a head gets grad L_k / (L_k + 1e-8), not grad L_k.
+    model = TwoTasks()
+    GradientCombination({"a": 1.0, "b": 2.0}, method="db_mtl").backward(model.losses(), model)
+    reference = TwoTasks()
+    losses = reference.losses()
+    for task, weight in (("a", 1.0), ("b", 2.0)):
+        torch.log(weight * losses[task] + 1e-8).backward(retain_graph=True)
+    for task in ("a", "b"):
+        torch.testing.assert_close(model.heads[task].grad, reference.heads[task].grad)
+    assert not torch.allclose(model.heads["b"].grad, torch.tensor(2.0 * 4.5))  # not grad (2 L_b) = 2 p . x_b
+
+
 @pytest.mark.parametrize("method", ["gradvac", "db_mtl"])
 def test_stateful_methods_resume_exactly_from_their_state_dict(method):
     def steps(combination, model, count, labelled_a=True):

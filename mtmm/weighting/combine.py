@@ -16,7 +16,8 @@ class GradientCombination(nn.Module):
     """`on="parameters"`: the K x P gradient matrix is taken over every shared parameter (encoders, fusion, shared
     layers) — exact, K backward passes. `on="representation"`: over the fused representation h [B, D], cheaper
     (the combined gradient is then backpropagated once through fusion and encoders). Task-specific parameters
-    (heads) get the gradient of sum_k lambda_k L_k, which for a head is just its own task's gradient.
+    (heads) get the gradient of sum_k lambda_k L_k, which for a head is just its own task's gradient; under DB-MTL
+    that of sum_k log(lambda_k L_k + 1e-8), as LibMTL, which backpropagates each task's log-loss.
 
     A task with no labelled sample in the batch has no gradient to offer: it drops out of that step's combination
     (weight 0) and the others are combined as if it were absent, as in the loss-based methods. The state of a
@@ -90,6 +91,13 @@ class GradientCombination(nn.Module):
         below = [p for name, p in named if not name.startswith(("heads.", "shared."))]
         return [model.fused], below, [p for name, p in named if name.startswith(("heads.", "shared."))]
 
+    def _head_tasks(self, model: nn.Module) -> list[int | None]:
+        """For each task-specific parameter on the parameters' path (`heads.<task>...`), its task's index (None for
+        a head whose task this weighting does not combine: no loss reaches it)."""
+        tasks = list(self.task_weights)
+        return [tasks.index(task) if (task := name.split(".")[1]) in tasks else None
+                for name, p in model.named_parameters() if p.requires_grad and name.startswith("heads.")]
+
     def collect(self, losses: dict[str, torch.Tensor], model: nn.Module,
                 labelled: dict[str, bool] | None = None) -> dict:
         """This process's per-task gradients of one batch, not yet combined: `rows` [K, P] on the gradient points (a
@@ -157,6 +165,9 @@ class GradientCombination(nn.Module):
         divide = count * world
         rows, losses = rows / divide, losses / divide
         rest_grads = [g / divide for g in rest_grads]
+        if self.method == "db_mtl":  # the heads descend their log-loss too: grad L_k / (L_k + 1e-8), as the rows do
+            rest_grads = [g if k is None else g / (losses[k] + 1e-8).to(g.dtype)
+                          for g, k in zip(rest_grads, self._head_tasks(model))]
         active = [i for i, here in enumerate((present > 0).tolist()) if here]
         weights = torch.zeros(len(losses))
         if active:

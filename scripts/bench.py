@@ -217,10 +217,10 @@ def bench_weighting(quick: bool, device: str = "cpu") -> dict:
                          "trainer.monitor=val/mean/accuracy", device=device)
             run = setup(cfg)
             run.model.train()
-            runs[method] = (run, [batch for _, batch in zip(range(steps), run.loaders["train"])])
-        progress, rounds = Progress(), 3
+            runs[method] = (run, [batch for _, batch in zip(range(steps), run.loaders["train"])], Progress())
+        rounds = 3
         for round_ in range(rounds):
-            for method, (run, batches) in runs.items():
+            for method, (run, batches, progress) in runs.items():  # each run counts its own steps
                 for i, batch in enumerate(batches[round_::rounds]):
                     started = time.perf_counter()
                     train_step(run, batch, progress)
